@@ -1,0 +1,3 @@
+from hierclass.cli import main
+
+main()

@@ -1,0 +1,56 @@
+"""The typer app and the helpers every command module uses.
+
+Each command parses its options, calls one library function and prints a summary. Any
+:class:`~hierclass.errors.HierclassError` becomes one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+from hierclass.errors import HierclassError
+
+app = typer.Typer(
+    name="hierclass",
+    help="Two-stage (router + experts) image classification into a deep category tree.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str) -> typer.Exit:
+    """Print one error line on stderr and return the exit to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=1)
+
+
+def clean_errors(func: F) -> F:
+    """Turn user errors into one stderr line and exit code 1, with no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except HierclassError as e:
+            raise fail(str(e)) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted; long jobs resume where they stopped when run again") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def command(target: typer.Typer = app, **kwargs: Any) -> Callable[[F], F]:
+    """Register a CLI command whose user errors print one clean line."""
+
+    def register(func: F) -> F:
+        target.command(**kwargs)(clean_errors(func))
+        return func
+
+    return register

@@ -1,0 +1,207 @@
+"""The on-disk feature cache: one float16 row per image, memory-mapped, resumable.
+
+A feature directory holds::
+
+    meta.json          what made the features (backbone, preprocessing, data source,
+                       taxonomy fingerprint), the shapes, and ``complete``
+    features.npy       float16 [n_images, dim], the pooled backbone features
+    features_hflip.npy optional, the same for horizontally flipped images (test-time aug.)
+    images.npz         per image: product_id, image_number, leaf (-1: unlabelled or unknown)
+    status.npy         int8 [n_images]: 0 not done yet, 1 ok, 2 bad image (skipped, counted)
+
+Writers fill rows in any order, flush the features, then set ``status``; so a job killed
+midway resumes at the rows whose status is still 0 and never trusts a half-written row.
+Readers use :attr:`FeatureStore.valid` to drop bad images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hierclass.errors import HierclassError
+
+FORMAT_VERSION = 1
+PENDING, OK, BAD = 0, 1, 2
+VIEWS = ("orig", "hflip")
+
+
+class FeatureStoreError(HierclassError):
+    """A feature directory is missing, incomplete or was made for other data."""
+
+
+def _view_file(view: str) -> str:
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+    return "features.npy" if view == "orig" else f"features_{view}.npy"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class FeatureStore:
+    """A feature directory opened for reading or (re)writing.
+
+    Attributes:
+        root: the directory.
+        meta: the content of ``meta.json``.
+        product_id, image_number, leaf: per-image index arrays (int64).
+        status: per-image state, memory-mapped (PENDING, OK or BAD).
+    """
+
+    def __init__(self, root: Path, meta: dict[str, Any], mode: str) -> None:
+        self.root = root
+        self.meta = meta
+        self._mode = mode
+        index = np.load(root / "images.npz")
+        self.product_id = index["product_id"]
+        self.image_number = index["image_number"]
+        self.leaf = index["leaf"]
+        self.status = np.load(root / "status.npy", mmap_mode=mode)
+        self._views: dict[str, np.memmap] = {}
+
+    # ------------------------------------------------------------------ create / open
+    @classmethod
+    def create(
+        cls,
+        root: str | Path,
+        *,
+        dim: int,
+        product_id: np.ndarray,
+        image_number: np.ndarray,
+        leaf: np.ndarray,
+        meta: Mapping[str, Any],
+        views: tuple[str, ...] = ("orig",),
+    ) -> FeatureStore:
+        """Create an empty store for ``len(product_id)`` images (every row PENDING).
+
+        Args:
+            root: the directory (created; must not hold a store already).
+            dim: the feature size.
+            product_id, image_number, leaf: one entry per image row.
+            meta: what made the features; must include ``taxonomy_fingerprint``.
+            views: ``("orig",)`` or ``("orig", "hflip")``.
+        """
+        root = Path(root)
+        if (root / "meta.json").exists():
+            raise FeatureStoreError(f"{root}: a feature store exists already; open it to resume, or remove the folder")
+        n = len(product_id)
+        if not (len(image_number) == len(leaf) == n):
+            raise ValueError("product_id, image_number and leaf must have one entry per image")
+        root.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            root / "images.npz",
+            product_id=np.asarray(product_id, dtype=np.int64),
+            image_number=np.asarray(image_number, dtype=np.int64),
+            leaf=np.asarray(leaf, dtype=np.int64),
+        )
+        for view in views:
+            np.lib.format.open_memmap(root / _view_file(view), mode="w+", dtype=np.float16, shape=(n, dim)).flush()
+        np.lib.format.open_memmap(root / "status.npy", mode="w+", dtype=np.int8, shape=(n,)).flush()
+        full_meta = {
+            **dict(meta),
+            "format_version": FORMAT_VERSION,
+            "n_images": n,
+            "dim": int(dim),
+            "views": list(views),
+            "complete": False,
+        }
+        write_json_atomic(root / "meta.json", full_meta)
+        return cls(root, full_meta, "r+")
+
+    @classmethod
+    def open(cls, root: str | Path, mode: str = "r", require_complete: bool = True) -> FeatureStore:
+        """Open an existing store.
+
+        Args:
+            root: the directory.
+            mode: ``"r"`` to read, ``"r+"`` to resume writing.
+            require_complete: refuse a store whose extraction has not finished.
+
+        Raises:
+            FeatureStoreError: missing, from another format version, or incomplete.
+        """
+        root = Path(root)
+        meta_path = root / "meta.json"
+        if not meta_path.is_file():
+            raise FeatureStoreError(
+                f"{root}: no feature store here (meta.json missing); make one with `hierclass extract-features`"
+            )
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise FeatureStoreError(
+                f"{meta_path}: feature format {meta.get('format_version')} is not {FORMAT_VERSION}; extract again"
+            )
+        if require_complete and not meta.get("complete"):
+            raise FeatureStoreError(
+                f"{root}: extraction has not finished; run the same `hierclass extract-features` again to resume it"
+            )
+        return cls(root, meta, mode)
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def n_images(self) -> int:
+        return int(self.meta["n_images"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def taxonomy_fingerprint(self) -> str | None:
+        return self.meta.get("taxonomy_fingerprint")
+
+    def features(self, view: str = "orig") -> np.memmap:
+        """The float16 feature matrix of one view, memory-mapped (not loaded)."""
+        if view not in self._views:
+            if view not in self.meta["views"]:
+                raise FeatureStoreError(f"{self.root}: no {view!r} features; extract with that view to get them")
+            self._views[view] = np.load(self.root / _view_file(view), mmap_mode=self._mode)
+        return self._views[view]
+
+    @property
+    def valid(self) -> np.ndarray:
+        """Rows whose image decoded and whose features were written."""
+        return np.asarray(self.status) == OK
+
+    @property
+    def pending(self) -> np.ndarray:
+        """Indices of the rows not written yet (what a resumed extraction still has to do)."""
+        return np.flatnonzero(np.asarray(self.status) == PENDING)
+
+    def check_taxonomy(self, fingerprint: str, what: str = "the taxonomy") -> None:
+        """Refuse features labelled with another taxonomy than ``fingerprint``."""
+        if self.taxonomy_fingerprint != fingerprint:
+            raise FeatureStoreError(
+                f"{self.root}: features were labelled with taxonomy {self.taxonomy_fingerprint}, "
+                f"{what} is {fingerprint}; extract the features again with the same category_names.csv"
+            )
+
+    # ------------------------------------------------------------------ writing
+    def write(self, rows: np.ndarray, features: Mapping[str, np.ndarray], status: np.ndarray) -> None:
+        """Write a batch of rows: features of every view first (flushed), then their status."""
+        for view, values in features.items():
+            mm = self.features(view)
+            mm[rows] = values.astype(np.float16, copy=False)
+            mm.flush()
+        self.status[rows] = status
+        self.status.flush()
+
+    def mark_complete(self, **extra: Any) -> None:
+        """Record that every row is written, with summary figures (e.g. bad-image count)."""
+        if len(self.pending):
+            raise FeatureStoreError(f"{self.root}: {len(self.pending)} rows are still pending")
+        self.meta.update(extra, complete=True, n_bad=int((np.asarray(self.status) == BAD).sum()))
+        write_json_atomic(self.root / "meta.json", self.meta)

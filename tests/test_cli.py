@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hierclass.cli import app
+
+runner = CliRunner()
+
+
+def test_help() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "taxonomy" in result.output
+
+
+def test_taxonomy_stats_real(cdiscount_taxonomy_csv: Path) -> None:
+    result = runner.invoke(app, ["taxonomy", "stats", str(cdiscount_taxonomy_csv)])
+    assert result.exit_code == 0, result.output
+    assert "49 branches" in result.output
+    assert "486 nodes (483 distinct names)" in result.output
+    assert "5270 (5263 distinct names)" in result.output
+    assert "min 1  median 81  max 555" in result.output
+
+
+def test_taxonomy_show_branch(cdiscount_taxonomy_csv: Path) -> None:
+    result = runner.invoke(app, ["taxonomy", "show", str(cdiscount_taxonomy_csv), "--branch", "APICULTURE"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("APICULTURE  [")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "id,a,b,c\n1,x,y,z\n",
+        "category_id,category_level1,category_level2,category_level3\n1,a,b,c\n1,a,b,d\n",
+        "category_id,category_level1,category_level2,category_level3\nnope,a,b,c\n",
+        "category_id,category_level1,category_level2,category_level3\n1,,b,c\n",
+    ],
+)
+def test_bad_file_one_clean_line(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    result = runner.invoke(app, ["taxonomy", "stats", str(path)])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_unknown_branch_is_one_clean_line(cdiscount_taxonomy_csv: Path) -> None:
+    result = runner.invoke(app, ["taxonomy", "show", str(cdiscount_taxonomy_csv), "--branch", "NOPE"])
+    assert result.exit_code == 1
+    assert result.stderr.strip().count("\n") == 0 and "no level-1 branch named 'NOPE'" in result.stderr

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hierclass.featurestore import BAD, OK, FeatureStore, FeatureStoreError
+
+
+def make(tmp_path: Path, n: int = 5) -> FeatureStore:
+    return FeatureStore.create(
+        tmp_path / "f",
+        dim=3,
+        product_id=np.arange(n) // 2,
+        image_number=np.arange(n) % 2,
+        leaf=np.arange(n) % 3,
+        meta={"taxonomy_fingerprint": "abc"},
+        views=("orig", "hflip"),
+    )
+
+
+def test_write_resume_complete(tmp_path: Path) -> None:
+    store = make(tmp_path)
+    store.write(np.array([0, 1]), {"orig": np.ones((2, 3)), "hflip": np.zeros((2, 3))}, np.array([OK, BAD]))
+    with pytest.raises(FeatureStoreError, match="extraction has not finished"):
+        FeatureStore.open(tmp_path / "f")
+    resumed = FeatureStore.open(tmp_path / "f", mode="r+", require_complete=False)
+    assert resumed.pending.tolist() == [2, 3, 4]
+    rows = resumed.pending
+    resumed.write(rows, {"orig": np.full((3, 3), 2.0), "hflip": np.zeros((3, 3))}, np.full(3, OK))
+    resumed.mark_complete()
+    done = FeatureStore.open(tmp_path / "f")
+    assert done.meta["n_bad"] == 1 and done.meta["complete"]
+    assert done.valid.tolist() == [True, False, True, True, True]
+    assert done.features().dtype == np.float16
+    assert done.features()[0].tolist() == [1, 1, 1] and done.features()[4].tolist() == [2, 2, 2]
+    assert done.product_id.tolist() == [0, 0, 1, 1, 2]
+    done.check_taxonomy("abc")
+    with pytest.raises(FeatureStoreError, match="labelled with taxonomy abc"):
+        done.check_taxonomy("xyz")
+
+
+def test_refuses_overwrite_and_missing(tmp_path: Path) -> None:
+    make(tmp_path)
+    with pytest.raises(FeatureStoreError, match="exists already"):
+        make(tmp_path)
+    with pytest.raises(FeatureStoreError, match="meta.json missing"):
+        FeatureStore.open(tmp_path / "nothing")
