@@ -1,0 +1,1 @@
+"""CLI commands: data (filled in by its issue)."""

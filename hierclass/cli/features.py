@@ -1,0 +1,1 @@
+"""CLI commands: features (filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""CLI commands: train (filled in by its issue)."""

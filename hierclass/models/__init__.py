@@ -1,0 +1,1 @@
+"""Models: the timm backbone factory (backbone.py) and the router / expert / flat heads (heads.py)."""
