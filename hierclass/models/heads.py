@@ -93,7 +93,9 @@ class RouterHead(_DenseHead):
 
     kind = "router"
 
-    def __init__(self, dim: int, n_level1: int, hidden: int | None = None, dropout: float = 0.0, activation: str = "gelu"):
+    def __init__(
+        self, dim: int, n_level1: int, hidden: int | None = None, dropout: float = 0.0, activation: str = "gelu"
+    ):
         super().__init__(dim, n_level1, hidden, dropout, activation)
 
 
@@ -110,7 +112,9 @@ class FlatHead(_DenseHead):
 
     kind = "flat"
 
-    def __init__(self, dim: int, n_leaves: int, hidden: int | None = None, dropout: float = 0.0, activation: str = "gelu"):
+    def __init__(
+        self, dim: int, n_leaves: int, hidden: int | None = None, dropout: float = 0.0, activation: str = "gelu"
+    ):
         super().__init__(dim, n_leaves, hidden, dropout, activation)
 
 
@@ -299,4 +303,3 @@ def build_head(config: dict[str, Any], taxonomy: Taxonomy) -> nn.Module:
     if kind == "flat":
         return FlatHead(dim, n, **common)
     return ExpertHeads(dim, taxonomy, **common)
-
