@@ -175,6 +175,6 @@ def load_model(out_dir: str | Path, taxonomy: Taxonomy, device: str = "cpu") -> 
         state = load_file(str(weights), device="cpu")
         model.load_state_dict(state, strict=True)
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{out_dir}: corrupt checkpoint ({first_line}); train the model again") from None
+        reason = " ".join(str(e).split())[:300] or type(e).__name__  # one line, however long torch's message is
+        raise CheckpointError(f"{out_dir}: corrupt checkpoint ({reason}); train the model again") from None
     return model.to(torch.device(device)).eval(), meta

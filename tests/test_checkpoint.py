@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hierclass.checkpoint import class_order, load_model, save_model
+from hierclass.errors import CheckpointError
+from hierclass.models.heads import ExpertHeads, FlatHead, RouterHead
+from hierclass.taxonomy import Taxonomy
+
+ROWS = [(i, f"L1-{i % 3}", f"L2-{i % 5}", f"leaf{i}") for i in range(12)]
+
+
+@pytest.fixture
+def tax() -> Taxonomy:
+    return Taxonomy.from_rows(ROWS, source="tax.csv")
+
+
+def meta_for(kind: str, tax: Taxonomy) -> dict:
+    return {
+        "kind": kind,
+        "taxonomy": {"fingerprint": tax.fingerprint, "source": tax.source},
+        "class_order": class_order(kind, tax),
+    }
+
+
+def heads(tax: Taxonomy) -> list:
+    return [
+        RouterHead(6, tax.n_level1),
+        FlatHead(6, tax.n_leaves, hidden=4),
+        ExpertHeads(6, tax),
+        ExpertHeads(6, tax, hidden=4, dropout=0.2, activation="relu"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_round_trip(tmp_path: Path, tax: Taxonomy, index: int) -> None:
+    model = heads(tax)[index].eval()
+    save_model(tmp_path / "ckpt", model, meta_for(model.kind, tax))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["meta.json", "model.safetensors"]
+    loaded, meta = load_model(tmp_path / "ckpt", tax)
+    x = torch.randn(5, 6)
+    assert torch.equal(loaded(x), model(x))
+    assert meta["head"] == model.config() and meta["hierclass_version"]
+    assert not loaded.training
+
+
+def test_refuses_other_taxonomy(tmp_path: Path, tax: Taxonomy) -> None:
+    save_model(tmp_path / "ckpt", FlatHead(6, tax.n_leaves), meta_for("flat", tax))
+    other = Taxonomy.from_rows([*ROWS[:-1], (11, "L1-2", "L2-1", "renamed")], source="other.csv")
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "ckpt", other)
+    msg = str(e.value)
+    assert str(tmp_path / "ckpt") in msg and tax.fingerprint in msg and other.fingerprint in msg
+    assert "\n" not in msg and "category_names.csv" in msg
+
+
+def test_refuses_other_class_order(tmp_path: Path, tax: Taxonomy) -> None:
+    meta = meta_for("router", tax)
+    meta["class_order"] = meta["class_order"][::-1]
+    save_model(tmp_path / "ckpt", RouterHead(6, tax.n_level1), meta)
+    with pytest.raises(CheckpointError, match="class order"):
+        load_model(tmp_path / "ckpt", tax)
+
+
+def test_missing_and_corrupt(tmp_path: Path, tax: Taxonomy) -> None:
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(CheckpointError, match="meta.json missing"):
+        load_model(ckpt, tax)
+    save_model(ckpt, ExpertHeads(6, tax), meta_for("experts", tax))
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_model(ckpt, tax)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["weights_sha256"]  # without the hash, safetensors itself must refuse the truncated file
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="corrupt checkpoint"):
+        load_model(ckpt, tax)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="weights file missing"):
+        load_model(ckpt, tax)
+    (ckpt / "meta.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt checkpoint metadata"):
+        load_model(ckpt, tax)
+
+
+def test_wrong_shapes_are_refused(tmp_path: Path, tax: Taxonomy) -> None:
+    save_model(tmp_path / "ckpt", FlatHead(6, tax.n_leaves), meta_for("flat", tax))
+    meta = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
+    meta["head"]["dim"] = 7
+    (tmp_path / "ckpt" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="corrupt checkpoint"):
+        load_model(tmp_path / "ckpt", tax)
