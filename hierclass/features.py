@@ -1,0 +1,290 @@
+"""Backbone feature extraction into the on-disk feature cache, with torch or ONNX Runtime.
+
+The heads (router, experts, flat) train on frozen backbone features, so the backbone runs
+once over every image and its pooled features go to a :class:`~hierclass.featurestore.FeatureStore`.
+:func:`extract_features` does that for a whole image source, resumably; :class:`FeatureExtractor`
+computes features of an in-memory batch, for prediction code that must match the cache.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from hierclass.data import ImageDataset, collate_images, image_rows, open_source, resolve_transform
+from hierclass.featurestore import BAD, OK, FeatureStore, FeatureStoreError
+from hierclass.models.backbone import LITE0_MODEL, create_backbone, data_config, source_fingerprint
+from hierclass.onnx_runtime import OnnxBackbone, export_onnx, stamp_of
+from hierclass.taxonomy import Taxonomy
+
+ONNX_FILE = "backbone.onnx"
+DEFAULT_BACKBONE = LITE0_MODEL
+DEFAULT_PRETRAINED = "efficientnet-lite0"
+SETTINGS = (  # what must be equal for a feature folder to be resumed (or reused as it is)
+    "backbone",
+    "pretrained",
+    "pretrained_sha256",
+    "data_config",
+    "engine",
+    "views",
+    "source_path",
+    "source_size",
+    "n_images",
+    "taxonomy_fingerprint",
+)
+
+
+class Engine(str, Enum):
+    """What runs the backbone: ONNX Runtime (fast on CPU) or eager torch."""
+
+    onnx = "onnx"
+    torch = "torch"
+
+
+class FeatureExtractor:
+    """Pooled backbone features of a batch of preprocessed images.
+
+    Args:
+        backbone: a timm model name.
+        pretrained: where its weights come from (see :func:`~hierclass.models.backbone.create_backbone`).
+        engine: ``onnx`` (exported once to ``onnx_path``, run by ONNX Runtime) or ``torch``
+            (eager, ``inference_mode``, ``channels_last``).
+        image_size: square input size instead of the model's native one (e.g. 128 for speed).
+        onnx_path: where to keep the export; reused when it was made from the same weights and
+            input size. Default: a temporary file that lives as long as the extractor.
+
+    Attributes:
+        model: the torch backbone (eval).
+        data_config: the preprocessing (input_size, mean, std, interpolation, crop_pct, crop_mode).
+        dim: the feature size.
+        stamp: backbone, weights and input size, stored in the ONNX file and the feature cache.
+    """
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        pretrained: str = DEFAULT_PRETRAINED,
+        *,
+        engine: Engine | str = Engine.onnx,
+        image_size: int | None = None,
+        onnx_path: str | Path | None = None,
+    ) -> None:
+        self.engine = Engine(engine)
+        self.image_size = image_size
+        self.model = create_backbone(backbone, pretrained)
+        self.data_config = data_config(self.model, image_size)
+        self.dim = int(self.model.num_features)
+        self.stamp: dict[str, Any] = {
+            "backbone": backbone,
+            "pretrained": str(pretrained),
+            "pretrained_sha256": source_fingerprint(str(pretrained)),
+            "input_size": list(self.data_config["input_size"]),
+        }
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._onnx: OnnxBackbone | None = None
+        if self.engine is Engine.onnx:
+            if onnx_path is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="hierclass-onnx-")
+                onnx_path = Path(self._tmp.name) / ONNX_FILE
+            onnx_path = Path(onnx_path)
+            if stamp_of(onnx_path) != self.stamp:
+                export_onnx(self.model, onnx_path, tuple(self.data_config["input_size"]), self.stamp)
+            self._onnx = OnnxBackbone(onnx_path)
+        else:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def transform(self) -> Any:
+        """The eval preprocessing, PIL image -> tensor ``[3, H, W]``, matching :attr:`data_config`."""
+        return resolve_transform(self.model, self.image_size)
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        """Features ``[B, dim]`` (float32) of preprocessed images ``[B, 3, H, W]``."""
+        expected = tuple(self.data_config["input_size"])
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must be [B, {', '.join(map(str, expected))}], got {list(images.shape)}")
+        if self._onnx is not None:
+            return self._onnx(images.detach().cpu().float().numpy())
+        with torch.inference_mode():
+            x = images.float().contiguous(memory_format=torch.channels_last)
+            return self.model(x).float().numpy()
+
+
+def extract_features(
+    data: str | Path | Any,
+    taxonomy: Taxonomy | str | Path,
+    backbone: str = DEFAULT_BACKBONE,
+    pretrained: str = DEFAULT_PRETRAINED,
+    out: str | Path = "features",
+    *,
+    engine: Engine | str = Engine.onnx,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    hflip: bool = False,
+    progress: bool = True,
+) -> FeatureStore:
+    """Run the backbone once over every image of ``data`` and store the pooled features.
+
+    One float16 row per image goes to the feature store at ``out``, with the image's
+    product_id, image_number and leaf (``taxonomy.encode(category_id, unknown=-1)``: -1 for
+    unlabelled products and categories the taxonomy lacks). Images that do not decode get
+    status BAD and are counted, never stop the job. A job that was killed resumes at the
+    rows not written yet when run again with the same settings; a finished folder is
+    returned as it is.
+
+    Args:
+        data: a dump path (or any source ``open_source`` takes), or an opened ImageSource.
+        taxonomy: a Taxonomy or the path of its category_names.csv.
+        backbone: a timm model name.
+        pretrained: ``hub``, ``none``, ``efficientnet-lite0`` or a checkpoint path.
+        out: the feature folder (created).
+        engine: ``onnx`` (the export is kept as ``out/backbone.onnx``) or ``torch``.
+        image_size: square input size instead of the model's native one.
+        batch_size: images per forward pass.
+        workers: DataLoader processes decoding images (0: in this process).
+        hflip: also store features of horizontally flipped images (view ``hflip``).
+        progress: show a progress bar (with images/s) and the final bad-image line.
+
+    Returns:
+        The complete store. ``store.meta["last_run"]`` tells what this call did: images
+        written, bad images, seconds, images/s, and whether it resumed or found the work done.
+
+    Raises:
+        FeatureStoreError: ``out`` holds features made with other settings.
+        HierclassError: a bad source, taxonomy or backbone, each with its fix.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    engine = Engine(engine)
+    tax = taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy.from_csv(taxonomy)
+    source = data if hasattr(data, "read_images") else open_source(data, progress=progress)
+    product_row, image_number = image_rows(source)
+    product_row = np.asarray(product_row, dtype=np.int64)
+    image_number = np.asarray(image_number, dtype=np.int64)
+    product_id = np.asarray(source.product_ids, dtype=np.int64)[product_row]
+    source_path = Path(source.path).resolve()
+    views = ("orig", "hflip") if hflip else ("orig",)
+
+    # Settings first (cheap): a folder made with other settings is refused before any model work.
+    model = create_backbone(backbone, pretrained)
+    settings = {
+        "backbone": backbone,
+        "pretrained": str(pretrained),
+        "pretrained_sha256": source_fingerprint(str(pretrained)),
+        "data_config": data_config(model, image_size),
+        "engine": engine.value,
+        "views": list(views),
+        "source_path": str(source_path),
+        "source_size": source_path.stat().st_size if source_path.is_file() else None,
+        "n_images": len(product_row),
+        "taxonomy_fingerprint": tax.fingerprint,
+    }
+    dim = int(model.num_features)
+    del model
+    resumed = (out / "meta.json").is_file()
+    if resumed:
+        store = FeatureStore.open(out, mode="r+", require_complete=False)
+        _check_same_settings(store, settings)
+        if not (np.array_equal(store.product_id, product_id) and np.array_equal(store.image_number, image_number)):
+            raise FeatureStoreError(
+                f"{out}: its image rows differ from {source_path} (the source changed since); "
+                "extract into a new --out folder"
+            )
+        if store.meta.get("complete"):
+            store.meta["last_run"] = _run_summary(0, 0, time.perf_counter() - start, resumed=False, done=True)
+            return store
+    else:
+        leaf = tax.encode(np.asarray(source.category_ids, dtype=np.int64)[product_row], unknown=-1)
+        meta = {
+            **settings,
+            "pretrained_source": str(pretrained),
+            "taxonomy_source": tax.source,
+            "n_products": len(source),
+        }
+        store = FeatureStore.create(
+            out, dim=dim, product_id=product_id, image_number=image_number, leaf=leaf, meta=meta, views=views
+        )
+
+    extractor = FeatureExtractor(
+        backbone,
+        pretrained,
+        engine=engine,
+        image_size=image_size,
+        onnx_path=out / ONNX_FILE if engine is Engine.onnx else None,
+    )
+    pending = store.pending
+    dataset = ImageDataset(source, extractor.transform(), product_row[pending], image_number[pending])
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_images,
+        persistent_workers=False,
+    )
+    written = bad = 0
+    with tqdm(total=len(pending), unit="img", desc="features", disable=not progress, smoothing=0.1) as bar:
+        for images, good, failed in loader:
+            good_rows, bad_rows = pending[good.numpy()], pending[failed.numpy()]
+            if len(good_rows):
+                batch = torch.cat([images, images.flip(-1)]) if hflip else images
+                values = _to_float16(extractor(batch), out)
+                n = len(good_rows)
+                store.write(good_rows, {"orig": values[:n], **({"hflip": values[n:]} if hflip else {})}, OK)
+            if len(bad_rows):
+                store.write(bad_rows, {}, BAD)
+            written += len(good_rows)
+            bad += len(bad_rows)
+            bar.update(len(good_rows) + len(bad_rows))
+            if bad:
+                bar.set_postfix(bad=bad)
+    seconds = time.perf_counter() - start
+    summary = _run_summary(written, bad, seconds, resumed=resumed, done=False)
+    store.mark_complete(last_run=summary)
+    n_bad = int(store.meta["n_bad"])
+    if progress and n_bad:
+        rows = np.flatnonzero(np.asarray(store.status) == BAD)[:3]
+        examples = ", ".join(f"product {store.product_id[r]} image {store.image_number[r]}" for r in rows)
+        tqdm.write(f"{n_bad} image(s) did not decode and were skipped (status BAD), e.g. {examples}")
+    return store
+
+
+# ---------------------------------------------------------------------- helpers
+def _check_same_settings(store: FeatureStore, settings: dict[str, Any]) -> None:
+    stored = {key: store.meta.get(key) for key in SETTINGS}
+    differ = [key for key in SETTINGS if stored[key] != settings[key]]
+    if differ:
+        changes = "; ".join(f"{key} {stored[key]!r} -> {settings[key]!r}" for key in differ[:3])
+        raise FeatureStoreError(
+            f"{store.root}: holds features made with other settings ({changes}); "
+            "rerun with the same options to resume it, or pass another --out folder"
+        )
+
+
+def _to_float16(values: np.ndarray, out: Path) -> np.ndarray:
+    half = values.astype(np.float16)
+    if not np.isfinite(half).all():
+        raise FeatureStoreError(
+            f"{out}: the backbone gave features beyond float16's range (max |x| {np.abs(values).max():.3g}); "
+            "use a backbone with bounded pooled features"
+        )
+    return half
+
+
+def _run_summary(images: int, bad: int, seconds: float, *, resumed: bool, done: bool) -> dict[str, Any]:
+    return {
+        "images": images,
+        "bad": bad,
+        "seconds": round(seconds, 3),
+        "images_per_s": round((images + bad) / seconds, 1) if seconds > 0 else 0.0,
+        "resumed": resumed,
+        "already_complete": done,
+    }
