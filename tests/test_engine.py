@@ -1,0 +1,190 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hierclass.engine as engine
+from hierclass.checkpoint import load_model
+from hierclass.engine import Task, TrainConfig, class_weights, holdout_products, smoothed_nll, train_head
+from hierclass.errors import CheckpointError
+from hierclass.featurestore import OK, FeatureStore, FeatureStoreError
+from hierclass.synthetic import make_synthetic_features, synthetic_means, write_synthetic_store
+from hierclass.taxonomy import Taxonomy
+
+# 3 branches of 4, 3 and 1 (single-leaf) leaves.
+ROWS = [(i, "A", f"a{i % 2}", f"x{i}") for i in range(4)] + [(10 + i, "B", "b", f"y{i}") for i in range(3)]
+ROWS += [(20, "C", "c", "z")]
+QUIET = {"progress": False}
+
+
+@pytest.fixture
+def tax() -> Taxonomy:
+    return Taxonomy.from_rows(ROWS)
+
+
+def tiny_store(root: Path, tax: Taxonomy, per_leaf: int = 3, dim: int = 16, meta: dict | None = None) -> FeatureStore:
+    """Well-separated leaves, a few images each, plus an unlabelled and a bad row."""
+    rng = np.random.default_rng(0)
+    leaf = np.r_[np.repeat(np.arange(tax.n_leaves), per_leaf), -1, 0]
+    feats, _ = make_synthetic_features(tax, len(leaf), dim, rng, noise=0.3, leaf=np.maximum(leaf, 0))
+    store = FeatureStore.create(
+        root,
+        dim=dim,
+        product_id=np.arange(len(leaf)),
+        image_number=np.zeros(len(leaf)),
+        leaf=leaf,
+        meta={"taxonomy_fingerprint": tax.fingerprint, "backbone": "synthetic", **(meta or {})},
+    )
+    status = np.full(len(leaf), OK, dtype=np.int8)
+    status[-1] = 2  # a bad image: never trained on
+    store.write(np.arange(len(leaf)), {"orig": feats}, status)
+    store.mark_complete()
+    return FeatureStore.open(root)
+
+
+OVERFIT = TrainConfig(epochs=60, batch_size=8, lr=0.05, label_smoothing=0.0, weight_decay=0.0, patience=0, **QUIET)
+
+
+@pytest.mark.parametrize(("kind", "hidden"), [("router", None), ("flat", None), ("experts", None), ("experts", 8)])
+def test_overfits_tiny_set(tmp_path: Path, tax: Taxonomy, kind: str, hidden: int | None) -> None:
+    store = tiny_store(tmp_path / "f", tax)
+    config = TrainConfig(**{**OVERFIT.__dict__, "hidden": hidden})
+    m = train_head(kind, store, store, tax, config, tmp_path / "run" / kind)
+    assert m["val_acc"] == 1.0 and m["train_loss"] < 0.05, m
+    # Experts never see the single-leaf branch C; nobody sees the unlabelled or the bad row.
+    assert m["n_train"] == (7 * 3 if kind == "experts" else 8 * 3)
+    log = [json.loads(line) for line in (tmp_path / "run" / kind / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 60 and {"epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds"} <= set(log[0])
+    model, meta = load_model(tmp_path / "run" / kind, tax)
+    assert meta["metrics"]["best_epoch"] == m["best_epoch"] and meta["features"]["backbone"] == "synthetic"
+    assert "n_images" not in meta["features"] and meta["training"]["hidden"] == hidden
+
+
+def test_expert_predictions_map_to_global_leaves(tmp_path: Path, tax: Taxonomy) -> None:
+    store = tiny_store(tmp_path / "f", tax)
+    train_head("experts", store, store, tax, OVERFIT, tmp_path / "run")
+    model, _ = load_model(tmp_path / "run", tax)
+    labelled = np.flatnonzero(store.valid & (store.leaf >= 0))
+    x = torch.from_numpy(np.asarray(store.features()[labelled], dtype=np.float32))
+    leaf = store.leaf[labelled]
+    for b in range(tax.n_level1):
+        rows = tax.leaf_level1[leaf] == b
+        local = model.branch_logits(x[rows], b).argmax(1).numpy()
+        assert (tax.local_to_leaf(b, local) == leaf[rows]).all()
+    log_probs = model.log_probs(x)
+    assert (log_probs[:, tax.branch_start[2]] == 0).all()  # the single-leaf branch: P = 1
+
+
+def test_task_samples_and_targets(tax: Taxonomy) -> None:
+    leaf = np.array([0, 3, 4, 6, 7, -1])
+    assert Task("router", tax).sample_mask(leaf).tolist() == [True] * 5 + [False]
+    assert Task("experts", tax).sample_mask(leaf).tolist() == [True, True, True, True, False, False]
+    assert Task("experts", tax, branch=1).sample_mask(leaf).tolist() == [False, False, True, True, False, False]
+    assert Task("router", tax).targets(leaf[:5]).tolist() == [0, 0, 1, 1, 2]
+    assert Task("flat", tax).targets(leaf[:5]).tolist() == [0, 3, 4, 6, 7]
+
+
+def test_smoothed_nll_matches_cross_entropy_on_the_admissible_classes() -> None:
+    logits = torch.randn(4, 3)
+    target = torch.tensor([0, 2, 1, 1])
+    padded = torch.cat([logits, torch.full((4, 2), -torch.inf)], 1)
+    got = smoothed_nll(torch.log_softmax(padded, 1), target, smoothing=0.2)
+    torch.testing.assert_close(got, torch.nn.functional.cross_entropy(logits, target, label_smoothing=0.2))
+    w = torch.tensor([1.0, 2.0, 0.5, 1.0])
+    ref = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    torch.testing.assert_close(smoothed_nll(torch.log_softmax(logits, 1), target, weight=w), (ref * w).sum() / w.sum())
+
+
+def test_class_weights() -> None:
+    w = class_weights(np.array([0, 0, 0, 0, 1, 3]), 4, power=0.5)
+    assert w[2] == 0 and w[1] == pytest.approx(2 * w[0])
+    assert (w[[0, 0, 0, 0, 1, 3]]).mean() == pytest.approx(1.0)
+
+
+def test_deterministic_given_seed(tmp_path: Path, tax: Taxonomy) -> None:
+    store = tiny_store(tmp_path / "f", tax)
+    config = TrainConfig(epochs=3, batch_size=4, hidden=4, dropout=0.2, class_balance="sampler", **QUIET)
+    runs = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        config.seed = seed
+        train_head("flat", store, None, tax, config, tmp_path / name)
+        runs[name] = load_file(tmp_path / name / "model.safetensors")
+    assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert not all(torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
+
+
+@pytest.mark.parametrize("hidden", [None, 4])
+def test_branch_retraining_changes_only_that_branch(tmp_path: Path, tax: Taxonomy, hidden: int | None) -> None:
+    store = tiny_store(tmp_path / "f", tax)
+    config = TrainConfig(epochs=2, batch_size=4, hidden=hidden, **QUIET)
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError, match="train all experts first"):
+        train_head("experts", store, store, tax, config, run, branch="B")
+    train_head("experts", store, store, tax, config, run)
+    before, _ = load_model(run, tax)
+    config.seed = 5
+    m = train_head("experts", store, store, tax, config, run, branch="B")
+    assert m["n_train"] == 3 * 3 and m["branch"] == "B"
+    after, meta = load_model(run, tax)
+    assert "B" in meta["branch_retrains"] and meta["metrics"]["branch"] is None
+    x = torch.randn(5, 16)
+    b = tax.branch_index("B")
+    s, e = int(tax.branch_start[b]), int(tax.branch_start[b + 1])
+    keep = np.r_[0:s, e : tax.n_leaves]
+    torch.testing.assert_close(after(x)[:, keep], before(x)[:, keep], rtol=0, atol=0)
+    assert not torch.allclose(after(x)[:, s:e], before(x)[:, s:e])
+    with pytest.raises(CheckpointError, match="hidden"):
+        train_head("experts", store, store, tax, TrainConfig(hidden=3, **QUIET), run, branch="B")
+
+
+def test_refuses_mismatched_features(tmp_path: Path, tax: Taxonomy) -> None:
+    store = tiny_store(tmp_path / "f", tax)
+    other_tax = Taxonomy.from_rows([*ROWS, (99, "D", "d", "w")])
+    with pytest.raises(FeatureStoreError, match="labelled with taxonomy"):
+        train_head("flat", store, store, other_tax, TrainConfig(**QUIET), tmp_path / "run")
+    other_backbone = tiny_store(tmp_path / "g", tax, meta={"backbone": "resnet50", "image_size": 224})
+    with pytest.raises(FeatureStoreError, match="another backbone.*backbone, image_size"):
+        train_head("router", store, other_backbone, tax, TrainConfig(**QUIET), tmp_path / "run")
+    with pytest.raises(ValueError, match="class_balance"):
+        train_head("router", store, store, tax, TrainConfig(class_balance="weird"), tmp_path / "run")
+
+
+def test_early_stopping_keeps_best_epoch(tmp_path: Path, tax: Taxonomy, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tiny_store(tmp_path / "f", tax)
+    scores = iter([0.5, 0.7, 0.6, 0.6, 0.9])
+    monkeypatch.setattr(engine, "evaluate", lambda *a: {"val_loss": 1.0, "val_acc": next(scores)})
+    m = train_head("router", store, store, tax, TrainConfig(epochs=5, patience=2, **QUIET), tmp_path / "run")
+    assert (m["best_epoch"], m["epochs_run"], m["stopped_early"], m["val_acc"]) == (2, 4, True, 0.7)
+
+
+def test_class_balance_loss_runs(tmp_path: Path, tax: Taxonomy) -> None:
+    store = tiny_store(tmp_path / "f", tax)
+    m = train_head("experts", store, store, tax, TrainConfig(epochs=2, class_balance="loss", **QUIET), tmp_path / "r")
+    assert np.isfinite(m["val_loss"])
+
+
+def test_holdout_products_keeps_products_together() -> None:
+    product = np.repeat(np.arange(5000), 3)
+    held = holdout_products(product)
+    assert 0.08 < held.mean() < 0.12
+    assert (held.reshape(-1, 3).all(1) == held.reshape(-1, 3).any(1)).all()
+    assert (holdout_products(product[::-1]) == held[::-1]).all()
+
+
+def test_synthetic_features_are_hierarchical(tmp_path: Path) -> None:
+    rows = [(i, f"L1-{i // 12}", f"L2-{i // 4}", f"leaf{i}") for i in range(36)]
+    tax = Taxonomy.from_rows(rows)
+    means = synthetic_means(tax, 64, np.random.default_rng(0))
+    d = np.linalg.norm(means[:, None] - means[None], axis=-1)
+    dist = tax.tree_distance(*np.meshgrid(np.arange(36), np.arange(36)))
+    assert d[dist == 1].mean() < d[dist == 2].mean() < d[dist == 3].mean()
+    feats, leaf = make_synthetic_features(tax, 100, 64, np.random.default_rng(1), means=means, imbalance=1.0)
+    assert feats.shape == (100, 64) and feats.dtype == np.float32 and leaf.max() < 36
+    store = write_synthetic_store(tmp_path / "s", tax, 1000, 8, seed=3, chunk=300)
+    assert store.valid.all() and store.features().shape == (1000, 8) and store.meta["complete"]
+    assert (store.leaf.reshape(-1, 2)[:, 0] == store.leaf.reshape(-1, 2)[:, 1]).all()
