@@ -145,7 +145,7 @@ def fit_temperature(
 
 
 def _check_kind(meta: dict, expected: str, path: Path) -> None:
-    kind = meta.get("kind")
+    kind = meta.get("kind", (meta.get("head") or {}).get("kind"))
     if kind != expected:
         raise CheckpointError(f"{path}: holds a {kind!r} head where a {expected!r} head was expected; check --run")
 

@@ -1,0 +1,582 @@
+"""Flat-vs-hierarchical evaluation reports and prediction CSVs.
+
+:func:`evaluate` scores several classifiers on one feature store, image by image and product
+by product; :func:`write_report` writes ``report.json``, ``report.md`` and PNG plots;
+:func:`write_predictions` writes a Kaggle-format submission (``_id,category_id``).
+
+``report.json`` layout (every float is a fraction in [0, 1] unless named otherwise; a
+metric that cannot be computed, e.g. mistake severity with no mistakes, is ``null``)::
+
+    {
+      "meta": {"models": ["flat", "hierarchical", ...], "features": ..., "aggregation": "mean",
+               "tta": false, "abstain_threshold": null, "taxonomy": {...}, "n_bins": 15, ...},
+      "flat": {
+        # image-level figures, at the top so they are read first
+        "leaf_top1", "leaf_top5", "level1_acc", "level2_acc", "macro_f1",
+        "hierarchical_precision", "hierarchical_recall", "hierarchical_f1",
+        "mistake_severity" (mean tree distance over errors, 1..3), "ece",
+        "n_images", "n_products", "ms_per_1000_images" (heads only, features given),
+        "per_branch": [{"branch", "name", "n_leaves", "n", "leaf_acc", "level1_acc"}, ...],
+        "reliability": [{"lo", "hi", "count", "confidence", "accuracy"}, ...],
+        "abstention": [{"threshold", "leaf_coverage", "leaf_acc", "answered_acc", ...}, ...],
+        "product": {the same metric keys, tables included, computed on products (images
+                    aggregated), with "n" the number of labelled products},
+        "settings": {how this model was run: combine, k, temperatures, alpha, ...}
+      },
+      "hierarchical": {... the same, plus "router_acc" and "oracle_leaf_top1" (experts
+                       given the true branch), in the image and product dicts, and
+                       "router_acc" in each per-branch row},
+      "<variant>": {... any further classifier passed in, e.g. "fused"}
+    }
+
+Every top-level key but ``meta`` is a model, listed in ``meta.models``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hierclass.errors import CheckpointError
+from hierclass.featurestore import FeatureStore, FeatureStoreError, write_json_atomic
+from hierclass.inference import (
+    Aggregation,
+    Classifier,
+    FlatClassifier,
+    FusedClassifier,
+    HierarchicalClassifier,
+    Predictions,
+    predict_store,
+)
+from hierclass.metrics import N_BINS, abstention_depth, summarize
+from hierclass.taxonomy import Taxonomy
+
+RESERVED = ("meta",)
+MAIN_METRICS = (
+    ("leaf_top1", "leaf top-1"),
+    ("leaf_top5", "leaf top-5"),
+    ("level1_acc", "level-1 accuracy"),
+    ("level2_acc", "level-2 accuracy"),
+    ("macro_f1", "leaf macro-F1"),
+    ("hierarchical_f1", "hierarchical F1"),
+    ("mistake_severity", "mistake severity (tree distance, 1-3)"),
+    ("ece", "ECE (15 bins)"),
+    ("router_acc", "router accuracy"),
+    ("oracle_leaf_top1", "leaf top-1, experts given the true branch"),
+)
+PLOTS = {
+    "per_branch": "per_branch.png",
+    "branch_size": "branch_size.png",
+    "reliability": "reliability.png",
+    "coverage": "coverage.png",
+}
+
+
+def settings_of(clf: Classifier) -> dict[str, Any]:
+    """How a classifier is configured, for the report."""
+    if isinstance(clf, HierarchicalClassifier):
+        return {
+            "type": "hierarchical",
+            "combine": clf.combine,
+            "k": clf.k if clf.combine == "topk" else None,
+            "router_temperature": clf.router_temperature,
+            "expert_temperature": clf.expert_temperature,
+        }
+    if isinstance(clf, FusedClassifier):
+        return {
+            "type": "fused",
+            "alpha": clf.alpha,
+            "flat": settings_of(clf.flat),
+            "hierarchical": settings_of(clf.hierarchical),
+        }
+    if isinstance(clf, FlatClassifier):
+        return {"type": "flat", "temperature": clf.temperature}
+    return {"type": type(clf).__name__}
+
+
+def evaluate(
+    classifiers: Mapping[str, Classifier],
+    store: FeatureStore,
+    *,
+    how: Aggregation = "mean",
+    tta: bool = False,
+    abstain_threshold: float | None = None,
+    chunk_images: int = 65536,
+    meta: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score classifiers on the labelled images of a feature store, and on its products.
+
+    Args:
+        classifiers: name -> classifier, e.g. ``{"flat": ..., "hierarchical": ..., "fused": ...}``.
+        store: the features (labels in ``store.leaf``; unlabelled rows are not scored).
+        how: how a product's images are aggregated (see :func:`hierclass.inference.aggregate`).
+        tta: average with the horizontally flipped view (the store must have it).
+        abstain_threshold: also report accuracy and coverage at this confidence threshold.
+        chunk_images: images per inference chunk (memory bound).
+        meta: extra fields for ``report["meta"]``.
+
+    Returns:
+        The report (the ``report.json`` layout in this module's docstring).
+    """
+    for name in classifiers:
+        if name in RESERVED:
+            raise ValueError(f"a model cannot be called {name!r}: the name is reserved in report.json")
+    if not classifiers:
+        raise ValueError("classifiers is empty; pass at least one model to evaluate")
+    taxonomy = next(iter(classifiers.values())).taxonomy
+    if tta and "hflip" not in store.meta.get("views", []):
+        raise FeatureStoreError(f"{store.root}: no 'hflip' features for --tta; extract the features with --hflip")
+    report: dict[str, Any] = {
+        "meta": {
+            "models": list(classifiers),
+            "features": str(store.root),
+            "backbone": store.meta.get("backbone"),
+            "aggregation": how,
+            "tta": tta,
+            "abstain_threshold": abstain_threshold,
+            "n_bins": N_BINS,
+            "taxonomy": {"source": taxonomy.source, "fingerprint": taxonomy.fingerprint, **taxonomy.stats()},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **dict(meta or {}),
+        }
+    }
+    for name, clf in classifiers.items():
+        images, products = predict_store(
+            clf, store, how=how, tta=tta, chunk_images=chunk_images, oracle=isinstance(clf, HierarchicalClassifier)
+        )
+        report[name] = model_report(images, products, taxonomy, abstain_threshold, settings_of(clf))
+    return report
+
+
+def model_report(
+    images: Predictions,
+    products: Predictions,
+    taxonomy: Taxonomy,
+    abstain_threshold: float | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One model's entry of ``report.json`` from its image- and product-level predictions."""
+    image = summarize(images, taxonomy, abstain_threshold=abstain_threshold)
+    product = summarize(products, taxonomy, abstain_threshold=abstain_threshold)
+    n_images = image.pop("n")
+    entry = {
+        **image,
+        "n_images": n_images,
+        "n_products": product["n"],
+        "ms_per_1000_images": 1e6 * images.seconds / max(len(images), 1),
+        "product": product,
+        "settings": dict(settings or {}),
+    }
+    return entry
+
+
+def models_of(report: Mapping[str, Any]) -> list[str]:
+    """The model names of a report, in order."""
+    return list(report["meta"]["models"])
+
+
+# ---------------------------------------------------------------------------- writing
+def write_report(report: Mapping[str, Any], out_dir: str | Path) -> Path:
+    """Write ``report.json``, the PNG plots and ``report.md`` (which embeds them) into ``out_dir``.
+
+    Returns:
+        The path of ``report.md``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "report.json", report)
+    plots = write_plots(report, out_dir)
+    md = out_dir / "report.md"
+    _write_text_atomic(md, markdown(report, plots))
+    return md
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _metric_table(report: Mapping[str, Any], level: str) -> str:
+    names = models_of(report)
+    entries = {n: report[n] if level == "image" else report[n]["product"] for n in names}
+    rows = []
+    for key, label in MAIN_METRICS:
+        if any(key in e for e in entries.values()):
+            rows.append([label, *(entries[n].get(key) for n in names)])
+    count = "n_images" if level == "image" else "n"
+    rows.append([f"{level}s scored", *(entries[n].get(count) for n in names)])
+    if level == "image":
+        rows.append(["ms per 1000 images (heads)", *(round(report[n]["ms_per_1000_images"], 2) for n in names)])
+    return _table(["metric", *names], rows)
+
+
+def markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
+    """The human-readable report."""
+    meta = report["meta"]
+    names = models_of(report)
+    tax = meta["taxonomy"]
+    out = [
+        "# Flat vs hierarchical evaluation",
+        "",
+        f"Features `{meta['features']}` (backbone {meta.get('backbone')}); taxonomy `{tax['source']}` "
+        f"({tax['level1']} level-1, {tax['level2']} level-2, {tax['leaves']} leaves, "
+        f"fingerprint {tax['fingerprint']}). "
+        f"Products aggregate their images by `{meta['aggregation']}`"
+        + (", with horizontal-flip test-time augmentation." if meta["tta"] else "."),
+        "",
+        "Level-1 and level-2 predictions are the ancestors of the predicted leaf, so the three levels of a "
+        "prediction are one path of the tree. Hierarchical F1 is the set-based hF1 of Kiritchenko et al.; "
+        "mistake severity is the mean tree distance (1 same level 2, 2 same level 1, 3 other branch) over errors.",
+        "",
+        "## Models",
+        "",
+        _table(["model", "settings"], [[n, _settings_text(report[n]["settings"])] for n in names]),
+        "",
+        "## Images",
+        "",
+        _metric_table(report, "image"),
+        "",
+        "## Products",
+        "",
+        _metric_table(report, "product"),
+        "",
+        "## Per branch (images)",
+        "",
+        _per_branch_markdown(report),
+        "",
+    ]
+    if "per_branch" in plots:
+        out += [f"![per-branch leaf accuracy]({plots['per_branch']})", ""]
+    if "branch_size" in plots:
+        out += [f"![accuracy against branch size]({plots['branch_size']})", ""]
+    out += ["## Calibration", "", _table(["model", "ECE images", "ECE products"], [
+        [n, report[n]["ece"], report[n]["product"]["ece"]] for n in names
+    ]), ""]  # fmt: skip
+    if "reliability" in plots:
+        out += [f"![reliability diagram]({plots['reliability']})", ""]
+    out += ["## Abstention: accuracy against coverage (images)", "", _abstention_markdown(report), ""]
+    if "coverage" in plots:
+        out += [f"![accuracy against coverage]({plots['coverage']})", ""]
+    return "\n".join(out)
+
+
+def _settings_text(settings: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None and not isinstance(v, dict)) or "–"
+
+
+def _per_branch_markdown(report: Mapping[str, Any]) -> str:
+    names = models_of(report)
+    first = report[names[0]]["per_branch"]
+    header = ["branch", "leaves", "images", *(f"{n} leaf acc" for n in names)]
+    router = [n for n in names if "router_acc" in report[n]["per_branch"][0]]
+    header += [f"{n} router acc" for n in router]
+    rows = []
+    for i, row in enumerate(first):
+        if not row["n"]:
+            continue
+        rows.append(
+            [
+                row["name"],
+                row["n_leaves"],
+                row["n"],
+                *(report[n]["per_branch"][i]["leaf_acc"] for n in names),
+                *(report[n]["per_branch"][i]["router_acc"] for n in router),
+            ]
+        )
+    return _table(header, rows)
+
+
+def _abstention_markdown(report: Mapping[str, Any]) -> str:
+    names = models_of(report)
+    header = ["threshold"]
+    for n in names:
+        header += [f"{n} leaf coverage", f"{n} leaf acc", f"{n} answered acc"]
+    rows = []
+    for i, r in enumerate(report[names[0]]["abstention"]):
+        row: list[Any] = [r["threshold"]]
+        for n in names:
+            a = report[n]["abstention"][i]
+            row += [a["leaf_coverage"], a["leaf_acc"], a["answered_acc"]]
+        rows.append(row)
+    text = _table(header, rows)
+    t = report["meta"].get("abstain_threshold")
+    if t is not None:
+        text += (
+            f"\n\nAt the chosen threshold {t}, a prediction below it answers only its level-2 node (or level-1 "
+            "branch) when that node's probability reaches the threshold; *answered acc* counts an answer right "
+            "when it is right down to the depth given."
+        )
+    return text
+
+
+def write_plots(report: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
+    """Write the PNG plots (matplotlib, Agg); return plot name -> file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = models_of(report)
+    done: dict[str, str] = {}
+    rows0 = report[names[0]]["per_branch"]
+    present = [i for i, r in enumerate(rows0) if r["n"]]
+
+    def save(fig: Any, key: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out_dir / PLOTS[key], dpi=110)
+        plt.close(fig)
+        done[key] = PLOTS[key]
+
+    if present:
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(present) * len(names)), 4.5))
+        width = 0.8 / len(names)
+        x = np.arange(len(present))
+        for j, n in enumerate(names):
+            acc = [report[n]["per_branch"][i]["leaf_acc"] for i in present]
+            ax.bar(x + j * width - 0.4 + width / 2, acc, width, label=n)
+        ax.set_xticks(x, [rows0[i]["name"][:18] for i in present], rotation=75, fontsize=7)
+        ax.set_ylabel("leaf accuracy (images)")
+        ax.set_ylim(0, 1)
+        ax.set_title("Leaf accuracy per level-1 branch")
+        ax.legend()
+        save(fig, "per_branch")
+
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for n in names:
+            sizes = [rows0[i]["n_leaves"] for i in present]
+            acc = [report[n]["per_branch"][i]["leaf_acc"] for i in present]
+            ax.scatter(sizes, acc, label=n, alpha=0.7)
+        ax.set_xscale("log")
+        ax.set_xlabel("leaves in the branch")
+        ax.set_ylabel("leaf accuracy (images)")
+        ax.set_ylim(0, 1.02)
+        ax.set_title("Accuracy against branch size")
+        ax.legend()
+        save(fig, "branch_size")
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    for n in names:
+        bins = [b for b in report[n]["reliability"] if b["count"]]
+        ax.plot(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
+            marker="o",
+            label=f"{n} (ECE {report[n]['ece']:.3f})",
+        )
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability diagram (images)")
+    ax.legend()
+    save(fig, "reliability")
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for n in names:
+        pts = [(r["leaf_coverage"], r["leaf_acc"]) for r in report[n]["abstention"] if r["leaf_acc"] is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n)
+    ax.set_xlabel("leaf coverage (share answered down to the leaf)")
+    ax.set_ylabel("leaf accuracy on those")
+    ax.set_title("Accuracy against coverage (images)")
+    ax.legend()
+    save(fig, "coverage")
+    return done
+
+
+# ---------------------------------------------------------------------------- runs
+def load_run(
+    run_dir: str | Path,
+    taxonomy: Taxonomy,
+    *,
+    combine: str = "soft",
+    k: int = 3,
+    batch_size: int = 4096,
+) -> dict[str, Classifier]:
+    """The models of a training run: ``flat`` if ``RUN_DIR/flat`` exists, ``hierarchical`` if
+    ``RUN_DIR/router`` and ``RUN_DIR/experts`` do (either alone is fine).
+
+    Raises:
+        CheckpointError: the run has neither, or a checkpoint does not fit ``taxonomy``.
+    """
+    run_dir = Path(run_dir)
+    models: dict[str, Classifier] = {}
+    if (run_dir / "flat").is_dir():
+        models["flat"] = FlatClassifier.from_run(run_dir, taxonomy, batch_size=batch_size)
+    has = [(run_dir / kind).is_dir() for kind in ("router", "experts")]
+    if all(has):
+        models["hierarchical"] = HierarchicalClassifier.from_run(
+            run_dir, taxonomy, combine=combine, k=k, batch_size=batch_size
+        )  # type: ignore[arg-type]
+    elif any(has):
+        missing = "experts" if has[0] else "router"
+        raise CheckpointError(f"{run_dir}: has no {missing}/ checkpoint; train it (hierclass train-{missing})")
+    if not models:
+        raise CheckpointError(
+            f"{run_dir}: no flat/, router/ or experts/ checkpoint here; pass the RUN_DIR the train commands wrote to"
+        )
+    return models
+
+
+def features_meta(classifiers: Mapping[str, Classifier]) -> dict[str, Any]:
+    """The feature config the heads were trained on (``meta["features"]`` of their checkpoints).
+
+    Raises:
+        CheckpointError: two heads of the run were trained on features of different backbones.
+    """
+    from hierclass.checkpoint import backbone_config
+
+    found: dict[str, Any] | None = None
+    first = ""
+    for clf in classifiers.values():
+        for head, meta in clf.meta.items():
+            feats = meta.get("features") or {}
+            if found is None:
+                found, first = feats, head
+            elif backbone_config(feats) != backbone_config(found):
+                raise CheckpointError(
+                    f"the {head} and {first} heads were trained on features of different backbones "
+                    f"({backbone_config(feats)} vs {backbone_config(found)}); retrain them on the same features"
+                )
+    return found or {}
+
+
+def check_store(store: FeatureStore, classifiers: Mapping[str, Classifier]) -> None:
+    """Refuse features of another taxonomy or another backbone than the heads were trained on."""
+    from hierclass.checkpoint import backbone_config
+
+    taxonomy = next(iter(classifiers.values())).taxonomy
+    store.check_taxonomy(taxonomy.fingerprint, f"the taxonomy {taxonomy.source}")
+    trained = backbone_config(features_meta(classifiers))
+    here = backbone_config(store.meta)
+    if trained and here != trained:
+        diff = sorted(k for k in set(trained) | set(here) if trained.get(k) != here.get(k))
+        raise FeatureStoreError(
+            f"{store.root}: features differ from the ones the heads were trained on in {', '.join(diff)} "
+            f"({', '.join(f'{k}={here.get(k)!r} vs {trained.get(k)!r}' for k in diff)}); "
+            "extract the features with the run's backbone"
+        )
+
+
+# ---------------------------------------------------------------------------- predictions CSV
+def fill_missing_products(products: Predictions, product_ids: np.ndarray) -> tuple[Predictions, int]:
+    """One prediction per product of ``product_ids`` (in that order), so a submission lists every product.
+
+    A product with no usable image gets the leaves most often predicted for the others,
+    with their share of predictions as probability.
+
+    Returns:
+        The predictions in ``product_ids`` order and the number of products filled in.
+    """
+    product_ids = np.asarray(product_ids, dtype=np.int64)
+    pos = {int(p): i for i, p in enumerate(products.ids)}
+    where = np.array([pos.get(int(p), -1) for p in product_ids], dtype=np.int64)
+    missing = where < 0
+    k = products.topk_leaf.shape[1]
+    counts = np.bincount(products.pred, minlength=1)
+    common = np.argsort(-counts, kind="stable")[:k]
+    share = (counts[common] / max(counts.sum(), 1)).astype(np.float32)
+    if len(common) < k:  # fewer distinct leaves than k: repeat the last
+        common = np.r_[common, np.full(k - len(common), common[-1])]
+        share = np.r_[share, np.zeros(k - len(share), np.float32)]
+    take = np.maximum(where, 0)
+
+    def pick(a: np.ndarray, fill: Any) -> np.ndarray:
+        out = a[take].copy()
+        out[missing] = fill
+        return out
+
+    filled = Predictions(
+        product_ids,
+        pick(products.leaf, -1),
+        pick(products.topk_leaf, common),
+        pick(products.topk_prob, share),
+        pick(products.level1_prob, share[0]),
+        pick(products.level2_prob, share[0]),
+    )
+    return filled, int(missing.sum())
+
+
+def submission_rows(
+    products: Predictions,
+    taxonomy: Taxonomy,
+    *,
+    topk: int = 0,
+    abstain_threshold: float | None = None,
+) -> tuple[list[str], list[list[Any]]]:
+    """The header and rows of a prediction CSV, one row per product.
+
+    Columns: ``_id,category_id`` (Kaggle's submission format); with ``abstain_threshold``,
+    ``depth,level1,level2`` follow (``category_id`` is empty when the answer stops at level
+    2 or 1); with ``topk`` K, ``top{i}_category_id,top{i}_level1,top{i}_level2,top{i}_level3,
+    top{i}_prob`` for i = 1..K.
+    """
+    if topk > products.topk_leaf.shape[1]:
+        raise ValueError(f"topk={topk} but only {products.topk_leaf.shape[1]} leaves were kept per product")
+    header = ["_id", "category_id"]
+    depth = None
+    if abstain_threshold is not None:
+        header += ["depth", "level1", "level2"]
+        depth = abstention_depth(products, abstain_threshold)
+    for i in range(1, topk + 1):
+        header += [f"top{i}_category_id", f"top{i}_level1", f"top{i}_level2", f"top{i}_level3", f"top{i}_prob"]
+    rows = []
+    for j in range(len(products)):
+        leaf = int(products.pred[j])
+        row: list[Any] = [int(products.ids[j]), int(taxonomy.leaf_ids[leaf])]
+        if depth is not None:
+            l1, l2, _ = taxonomy.leaf_path(leaf)
+            d = int(depth[j])
+            row[1] = row[1] if d == 3 else ""
+            row += [d, l1, l2 if d >= 2 else ""]
+        for i in range(topk):
+            t = int(products.topk_leaf[j, i])
+            row += [int(taxonomy.leaf_ids[t]), *taxonomy.leaf_path(t), f"{float(products.topk_prob[j, i]):.6f}"]
+        rows.append(row)
+    return header, rows
+
+
+def write_predictions(
+    path: str | Path,
+    products: Predictions,
+    taxonomy: Taxonomy,
+    *,
+    topk: int = 0,
+    abstain_threshold: float | None = None,
+) -> Path:
+    """Write the prediction CSV (see :func:`submission_rows`) atomically: a temporary file, then a rename."""
+    path = Path(path)
+    header, rows = submission_rows(products, taxonomy, topk=topk, abstain_threshold=abstain_threshold)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as f:
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path

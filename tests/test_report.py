@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hierclass.engine import KINDS, TrainConfig, train_head
+from hierclass.errors import CheckpointError
+from hierclass.featurestore import FeatureStore, FeatureStoreError
+from hierclass.inference import FusedClassifier, HierarchicalClassifier, Predictions
+from hierclass.report import (
+    check_store,
+    evaluate,
+    fill_missing_products,
+    load_run,
+    submission_rows,
+    write_predictions,
+    write_report,
+)
+from hierclass.synthetic import write_synthetic_store
+from hierclass.taxonomy import Taxonomy
+
+MODEL_KEYS = (
+    "leaf_top1",
+    "leaf_top5",
+    "level1_acc",
+    "level2_acc",
+    "macro_f1",
+    "hierarchical_f1",
+    "mistake_severity",
+    "ece",
+    "n_images",
+    "n_products",
+    "ms_per_1000_images",
+    "per_branch",
+    "product",
+)
+
+
+def write_taxonomy(path: Path) -> Path:
+    """A 4-branch taxonomy (branch sizes 1, 3, 4, 6) as a category_names.csv."""
+    rows, cid = [], 1000
+    for b, size in enumerate((1, 3, 4, 6)):
+        for leaf in range(size):
+            rows.append((cid, f"BRANCH {b}", f"NODE {b}-{leaf % 2}", f"LEAF {cid}"))
+            cid += 1
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["category_id", "category_level1", "category_level2", "category_level3"])
+        w.writerows(rows)
+    return path
+
+
+def make_run(root: Path, kinds: tuple[str, ...] = KINDS) -> tuple[Path, Path, Path]:
+    """A tiny trained run on synthetic features: (taxonomy csv, run dir, validation features)."""
+    tax_csv = write_taxonomy(root / "category_names.csv")
+    tax = Taxonomy.from_csv(tax_csv)
+    train = write_synthetic_store(root / "train", tax, n=700, dim=12, seed=1, noise=1.2)
+    val = write_synthetic_store(root / "val", tax, n=240, dim=12, seed=2, noise=1.2, images_per_product=3)
+    config = TrainConfig(epochs=4, batch_size=64, lr=2e-2, progress=False, patience=0)
+    for kind in kinds:
+        train_head(kind, train, val, tax, config, root / "run" / kind)
+    return tax_csv, root / "run", root / "val"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    return make_run(tmp_path_factory.mktemp("run"))
+
+
+def test_evaluate_report_keys_and_consistency(run: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    tax_csv, run_dir, val_dir = run
+    tax = Taxonomy.from_csv(tax_csv)
+    store = FeatureStore.open(val_dir)
+    models = load_run(run_dir, tax)
+    assert list(models) == ["flat", "hierarchical"]
+    check_store(store, models)
+    hard = HierarchicalClassifier.from_run(run_dir, tax, combine="hard")
+    fused = FusedClassifier(models["flat"], models["hierarchical"], alpha=0.5)
+    report = evaluate({**models, "hard": hard, "fused": fused}, store, abstain_threshold=0.5)
+    assert report["meta"]["models"] == ["flat", "hierarchical", "hard", "fused"]
+    for name in report["meta"]["models"]:
+        entry = report[name]
+        for key in MODEL_KEYS:
+            assert key in entry, (name, key)
+        assert entry["n_images"] == 240 and entry["n_products"] == 80 and entry["product"]["n"] == 80
+        for level in (entry, entry["product"]):
+            assert level["leaf_top5"] >= level["leaf_top1"]
+            assert level["level1_acc"] >= level["level2_acc"] >= level["leaf_top1"]
+            assert 0 <= level["ece"] <= 1 and 0 <= level["hierarchical_f1"] <= 1
+            assert len(level["per_branch"]) == tax.n_level1
+        assert entry["leaf_top1"] > 0.3  # the synthetic problem is learnable
+    for name in ("hierarchical", "hard"):
+        entry = report[name]
+        for level in (entry, entry["product"]):
+            assert level["oracle_leaf_top1"] >= level["leaf_top1"]
+            assert "router_acc" in level["per_branch"][0]
+    # hard routing: the predicted leaf is in the router's branch
+    assert report["hard"]["level1_acc"] == pytest.approx(report["hard"]["router_acc"])
+    assert report["hard"]["settings"]["combine"] == "hard" and report["fused"]["settings"]["alpha"] == 0.5
+    md = write_report(report, tmp_path / "rep")
+    saved = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert saved["hierarchical"]["leaf_top1"] == report["hierarchical"]["leaf_top1"]
+    text = md.read_text()
+    for png in ("per_branch.png", "branch_size.png", "reliability.png", "coverage.png"):
+        assert (tmp_path / "rep" / png).stat().st_size > 1000 and f"({png})" in text
+    assert "| leaf top-1 |" in text and "fused" in text and "BRANCH 3" in text
+
+
+def test_load_run_alone_and_errors(run: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    tax_csv, run_dir, val_dir = run
+    tax = Taxonomy.from_csv(tax_csv)
+    (tmp_path / "only_flat").mkdir()
+    (tmp_path / "only_flat" / "flat").symlink_to(run_dir / "flat")
+    assert list(load_run(tmp_path / "only_flat", tax)) == ["flat"]
+    with pytest.raises(CheckpointError, match="no flat/, router/ or experts/"):
+        load_run(tmp_path, tax)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "router").symlink_to(run_dir / "router")
+    with pytest.raises(CheckpointError, match="no experts/ checkpoint"):
+        load_run(tmp_path / "half", tax)
+    other = write_synthetic_store(tmp_path / "other", tax, n=10, dim=12, meta={"backbone": "resnet50"})
+    with pytest.raises(FeatureStoreError, match="backbone"):
+        check_store(other, load_run(run_dir, tax))
+    with pytest.raises(FeatureStoreError, match="hflip"):
+        evaluate(load_run(run_dir, tax), FeatureStore.open(val_dir), tta=True)
+
+
+def preds_fixture() -> tuple[Taxonomy, Predictions]:
+    tax = Taxonomy.from_rows([(1, "A", "a", "x"), (2, "A", "a", "y"), (3, "B", "b", "z")])
+    proba = np.array([[0.7, 0.2, 0.1], [0.3, 0.3, 0.4], [0.1, 0.1, 0.8]])
+    return tax, Predictions.from_proba(proba, tax, np.array([11, 12, 13]))
+
+
+def test_submission_format(tmp_path: Path) -> None:
+    tax, preds = preds_fixture()
+    path = write_predictions(tmp_path / "sub" / "out.csv", preds, tax)
+    assert path.read_text() == "_id,category_id\n11,1\n12,3\n13,3\n"
+    header, rows = submission_rows(preds, tax, topk=2, abstain_threshold=0.5)
+    assert header[:5] == ["_id", "category_id", "depth", "level1", "level2"]
+    assert header[5:10] == ["top1_category_id", "top1_level1", "top1_level2", "top1_level3", "top1_prob"]
+    assert rows[0][:5] == [11, 1, 3, "A", "a"]
+    assert rows[1][:5] == [12, "", 1, "B", ""]  # 0.4 for the leaf, its level-2 node and branch
+    assert rows[1][5:10] == [3, "B", "b", "z", "0.400000"]
+    assert not (tmp_path / "sub" / "out.csv.tmp").exists()
+    with pytest.raises(ValueError, match="topk=9"):
+        submission_rows(preds, tax, topk=9)
+
+
+def test_fill_missing_products() -> None:
+    tax, preds = preds_fixture()
+    filled, n = fill_missing_products(preds, np.array([13, 99, 11]))
+    assert n == 1 and filled.ids.tolist() == [13, 99, 11]
+    assert filled.pred.tolist() == [2, 2, 0]  # the most predicted leaf for the missing product
+    assert filled.topk_prob[1, 0] == pytest.approx(2 / 3)
