@@ -1,1 +1,60 @@
-"""CLI commands: features (filled in by its issue)."""
+"""``hierclass extract-features``: run a frozen backbone once over a dump into a feature folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hierclass.cli.app import command
+from hierclass.features import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Engine, extract_features
+
+
+@command(name="extract-features")
+def extract_features_command(
+    data: Annotated[
+        Path, typer.Option(exists=True, help="The image source: a .bson dump, a .csv catalogue or a folder.")
+    ],
+    taxonomy: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="The category_names.csv.")],
+    out: Annotated[Path, typer.Option(help="The feature folder; rerun the same command to resume it.")],
+    backbone: Annotated[str, typer.Option(help="A timm model name.")] = DEFAULT_BACKBONE,
+    pretrained: Annotated[
+        str, typer.Option(help="hub, none, efficientnet-lite0 (offline ImageNet weights) or a checkpoint path.")
+    ] = DEFAULT_PRETRAINED,
+    engine: Annotated[Engine, typer.Option(help="onnx (fast on CPU) or torch.")] = Engine.onnx,
+    image_size: Annotated[
+        int | None, typer.Option(min=16, help="Square input size instead of the model's (e.g. 128).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 64,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader processes decoding images.")] = 0,
+    hflip: Annotated[
+        bool, typer.Option(help="Also store features of flipped images (test-time augmentation).")
+    ] = False,
+) -> None:
+    """Extract pooled backbone features of every image, resumably, into a feature folder."""
+    store = extract_features(
+        data,
+        taxonomy,
+        backbone,
+        pretrained,
+        out,
+        engine=engine,
+        image_size=image_size,
+        batch_size=batch_size,
+        workers=workers,
+        hflip=hflip,
+    )
+    run = store.meta.get("last_run", {})
+    size = store.meta["data_config"]["input_size"][-1]
+    typer.echo(f"features     {out}  ({store.meta['backbone']}, {store.meta['pretrained']}, {size} px)")
+    typer.echo(f"images       {store.n_images}  ({int(store.valid.sum())} ok, {store.meta['n_bad']} bad)")
+    typer.echo(f"dim          {store.dim}  views {', '.join(store.meta['views'])}")
+    if run.get("already_complete"):
+        typer.echo("this run     nothing to do: the folder was complete")
+    else:
+        resumed = " (resumed)" if run.get("resumed") else ""
+        typer.echo(
+            f"this run     {run['images'] + run['bad']} images in {run['seconds']:.1f} s, "
+            f"{run['images_per_s']:.1f} images/s{resumed}, engine {store.meta['engine']}"
+        )

@@ -1,0 +1,188 @@
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import bson
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from hierclass.cli import app
+from hierclass.features import ONNX_FILE, FeatureExtractor, extract_features
+from hierclass.featurestore import BAD, OK, FeatureStore, FeatureStoreError
+from hierclass.taxonomy import Taxonomy
+
+TINY = "test_efficientnet"  # random init, ~0.1M parameters
+SIZE = 32
+TAXONOMY_ROWS = [(100, "A", "a1", "x"), (101, "A", "a2", "y"), (102, "B", "b1", "z")]
+
+
+def _jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(24, 40, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def dump(tmp_path: Path) -> Path:
+    """9 products, 1-2 images each (13 images); product 13's first image is corrupt.
+
+    Categories cycle through 100, 101, 102, 999 (not in the taxonomy) and none (unlabelled).
+    """
+    docs = []
+    for k in range(9):
+        doc: dict = {"_id": 10 + k, "imgs": [{"picture": _jpeg(10 * k + j)} for j in range(1 + k % 2)]}
+        category = [100, 101, 102, 999, None][k % 5]
+        if category is not None:
+            doc["category_id"] = category
+        docs.append(doc)
+    docs[3]["imgs"][0]["picture"] = b"\xff\xd8\xff\xe0 not a jpeg"
+    path = tmp_path / "dump.bson"
+    path.write_bytes(b"".join(bson.encode(d) for d in docs))
+    return path
+
+
+@pytest.fixture
+def taxonomy() -> Taxonomy:
+    return Taxonomy.from_rows(TAXONOMY_ROWS, source="test")
+
+
+def _extract(dump: Path, taxonomy: Taxonomy, out: Path, **kwargs: object) -> FeatureStore:
+    options = {"engine": "torch", "image_size": SIZE, "batch_size": 4, "progress": False, **kwargs}
+    return extract_features(dump, taxonomy, TINY, "none", out, **options)
+
+
+def test_rows_statuses_and_labels(dump: Path, taxonomy: Taxonomy, tmp_path: Path) -> None:
+    store = _extract(dump, taxonomy, tmp_path / "f")
+    assert store.meta["complete"] and store.n_images == 13 and store.meta["n_bad"] == 1
+    assert store.product_id.tolist() == [10, 11, 11, 12, 13, 13, 14, 15, 15, 16, 17, 17, 18]
+    assert store.image_number.tolist() == [0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0]
+    bad = np.flatnonzero(np.asarray(store.status) == BAD)
+    assert bad.tolist() == [4] and (store.product_id[4], store.image_number[4]) == (13, 0)
+    assert (np.asarray(store.status)[store.valid] == OK).sum() == 12
+    # category per product 10..18: 100, 101, 102, 999, None, 100, 101, 102, 999
+    leaf_of = {100: taxonomy.leaf_index(100), 101: taxonomy.leaf_index(101), 102: taxonomy.leaf_index(102)}
+    expected = {10: leaf_of[100], 11: leaf_of[101], 12: leaf_of[102], 13: -1, 14: -1}
+    expected |= {15: leaf_of[100], 16: leaf_of[101], 17: leaf_of[102], 18: -1}
+    assert store.leaf.tolist() == [expected[int(p)] for p in store.product_id]
+    features = np.asarray(store.features())
+    assert features.dtype == np.float16 and features.shape == (13, store.dim)
+    assert np.all(features[4] == 0) and np.all(np.abs(features[store.valid]).sum(1) > 0)
+    meta = store.meta
+    assert meta["backbone"] == TINY and meta["pretrained"] == "none" and meta["engine"] == "torch"
+    assert meta["data_config"]["input_size"] == [3, SIZE, SIZE] and meta["data_config"]["interpolation"]
+    assert meta["source_path"] == str(dump.resolve()) and meta["source_size"] == dump.stat().st_size
+    assert meta["taxonomy_fingerprint"] == taxonomy.fingerprint and meta["taxonomy_source"] == "test"
+
+
+def test_features_match_the_extractor(dump: Path, taxonomy: Taxonomy, tmp_path: Path) -> None:
+    """The cache holds what FeatureExtractor gives for the same preprocessed image (prediction reuses it)."""
+    store = _extract(dump, taxonomy, tmp_path / "f", hflip=True)
+    extractor = FeatureExtractor(TINY, "none", engine="torch", image_size=SIZE)
+    image = extractor.transform()(Image.open(io.BytesIO(_jpeg(0))).convert("RGB"))[None]
+    np.testing.assert_allclose(store.features()[0], extractor(image)[0], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(store.features("hflip")[0], extractor(image.flip(-1))[0], rtol=1e-3, atol=1e-3)
+    assert not np.array_equal(store.features()[0], store.features("hflip")[0])
+
+
+def test_killed_midway_resumes_to_the_same_features(
+    dump: Path, taxonomy: Taxonomy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = _extract(dump, taxonomy, tmp_path / "ref", hflip=True)
+
+    calls = {"n": 0}
+    real_call = FeatureExtractor.__call__
+
+    def dies_on_third_batch(self: FeatureExtractor, images: torch.Tensor) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # what Ctrl-C / a kill between two batches leaves behind
+        return real_call(self, images)
+
+    monkeypatch.setattr(FeatureExtractor, "__call__", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _extract(dump, taxonomy, tmp_path / "f", hflip=True)
+    half = FeatureStore.open(tmp_path / "f", require_complete=False)
+    assert not half.meta["complete"] and len(half.pending) == 13 - 8
+    with pytest.raises(FeatureStoreError, match="extraction has not finished"):
+        FeatureStore.open(tmp_path / "f")
+
+    monkeypatch.setattr(FeatureExtractor, "__call__", real_call)
+    resumed = _extract(dump, taxonomy, tmp_path / "f", hflip=True)
+    assert resumed.meta["last_run"]["resumed"] and resumed.meta["last_run"]["images"] == 5
+    assert np.array_equal(np.asarray(resumed.status), np.asarray(reference.status))
+    for view in ("orig", "hflip"):
+        assert np.array_equal(np.asarray(resumed.features(view)), np.asarray(reference.features(view)))
+
+
+def test_complete_is_idempotent_and_other_settings_are_refused(dump: Path, taxonomy: Taxonomy, tmp_path: Path) -> None:
+    out = tmp_path / "f"
+    first = _extract(dump, taxonomy, out)
+    again = _extract(dump, taxonomy, out)
+    assert again.meta["last_run"]["already_complete"] and again.meta["last_run"]["images"] == 0
+    assert np.array_equal(np.asarray(again.features()), np.asarray(first.features()))
+    with pytest.raises(FeatureStoreError, match=r"other settings \(data_config .*another --out folder"):
+        _extract(dump, taxonomy, out, image_size=48)
+    other = Taxonomy.from_rows([*TAXONOMY_ROWS, (103, "C", "c", "w")])
+    with pytest.raises(FeatureStoreError, match="taxonomy_fingerprint"):
+        _extract(dump, other, out)
+
+
+def test_workers_give_the_same_features(dump: Path, taxonomy: Taxonomy, tmp_path: Path) -> None:
+    serial = _extract(dump, taxonomy, tmp_path / "a")
+    parallel = _extract(dump, taxonomy, tmp_path / "b", workers=2, batch_size=3)
+    assert np.array_equal(np.asarray(serial.features()), np.asarray(parallel.features()))
+    assert np.array_equal(np.asarray(serial.status), np.asarray(parallel.status))
+
+
+def test_onnx_matches_torch(tmp_path: Path) -> None:
+    onnx = FeatureExtractor(TINY, "none", engine="onnx", image_size=SIZE, onnx_path=tmp_path / ONNX_FILE)
+    eager = FeatureExtractor(TINY, "none", engine="torch", image_size=SIZE)
+    images = torch.randn(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    got, expected = onnx(images), eager(images)
+    assert got.dtype == expected.dtype == np.float32 and got.shape == (5, eager.dim)
+    assert np.abs(got - expected).max() <= 1e-4
+    assert np.abs(onnx(images[:1]) - expected[:1]).max() <= 1e-4  # dynamic batch axis
+    mtime = (tmp_path / ONNX_FILE).stat().st_mtime_ns
+    FeatureExtractor(TINY, "none", engine="onnx", image_size=SIZE, onnx_path=tmp_path / ONNX_FILE)
+    assert (tmp_path / ONNX_FILE).stat().st_mtime_ns == mtime  # same weights and size: the export is reused
+    FeatureExtractor(TINY, "none", engine="onnx", image_size=SIZE + 16, onnx_path=tmp_path / ONNX_FILE)
+    assert (tmp_path / ONNX_FILE).stat().st_mtime_ns != mtime  # another input size: exported again
+    with pytest.raises(ValueError, match=r"images must be \[B, 3, 48, 48\]"):
+        FeatureExtractor(TINY, "none", engine="onnx", image_size=48, onnx_path=tmp_path / ONNX_FILE)(images)
+
+
+def test_onnx_engine_end_to_end(dump: Path, taxonomy: Taxonomy, tmp_path: Path) -> None:
+    via_onnx = _extract(dump, taxonomy, tmp_path / "o", engine="onnx")
+    via_torch = _extract(dump, taxonomy, tmp_path / "t", engine="torch")
+    assert (tmp_path / "o" / ONNX_FILE).is_file() and via_onnx.meta["engine"] == "onnx"
+    a, b = np.asarray(via_onnx.features(), dtype=np.float32), np.asarray(via_torch.features(), dtype=np.float32)
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)  # float16 storage of ~1e-6-close float32
+
+
+runner = CliRunner()
+
+
+def test_cli_extract_features(dump: Path, tmp_path: Path) -> None:
+    csv = tmp_path / "category_names.csv"
+    csv.write_text(
+        "category_id,category_level1,category_level2,category_level3\n"
+        + "".join(f"{c},{a},{b},{n}\n" for c, a, b, n in TAXONOMY_ROWS)
+    )
+    args = ["extract-features", "--data", str(dump), "--taxonomy", str(csv), "--out", str(tmp_path / "f")]
+    args += ["--backbone", TINY, "--pretrained", "none", "--engine", "torch", "--image-size", str(SIZE)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "images       13  (12 ok, 1 bad)" in result.stdout and "images/s" in result.stdout
+    assert f"dim          {FeatureStore.open(tmp_path / 'f').dim}" in result.stdout
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "nothing to do" in again.stdout
+
+    bad = runner.invoke(app, [*args[:-8], "--backbone", TINY, "--pretrained", str(tmp_path / "missing.pth")])
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --pretrained") and "checkpoint file" in lines[0]
