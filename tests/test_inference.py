@@ -123,12 +123,12 @@ def l2_to_leaf_free(l2: np.ndarray, tax: Taxonomy) -> np.ndarray:
 def test_batch_size_and_composition_do_not_matter(combine: str) -> None:
     tax = tree(5)
     router, experts, flat = random_heads(tax, hidden=6)
-    x = np.random.default_rng(2).normal(size=(64, 8)).astype(np.float32)
+    x = np.random.default_rng(2).normal(size=(32, 8)).astype(np.float32)
     ref = HierarchicalClassifier(router, experts, tax, combine=combine, k=2, batch_size=1000).predict_proba(x)
-    for bs in (1, 7, 64):
+    for bs in (1, 7):
         p = HierarchicalClassifier(router, experts, tax, combine=combine, k=2, batch_size=bs).predict_proba(x)
         np.testing.assert_allclose(p, ref, atol=1e-6)
-    perm = np.random.default_rng(3).permutation(64)[:20]
+    perm = np.random.default_rng(3).permutation(32)[:20]
     sub = HierarchicalClassifier(router, experts, tax, combine=combine, k=2, batch_size=8).predict_proba(x[perm])
     np.testing.assert_allclose(sub, ref[perm], atol=1e-6)
     f_ref = FlatClassifier(flat, tax).predict_proba(x)

@@ -58,17 +58,28 @@ def make_run(root: Path, kinds: tuple[str, ...] = KINDS) -> tuple[Path, Path, Pa
     """A tiny trained run on synthetic features: (taxonomy csv, run dir, validation features)."""
     tax_csv = write_taxonomy(root / "category_names.csv")
     tax = Taxonomy.from_csv(tax_csv)
-    train = write_synthetic_store(root / "train", tax, n=700, dim=12, seed=1, noise=1.2)
-    val = write_synthetic_store(root / "val", tax, n=240, dim=12, seed=2, noise=1.2, images_per_product=3)
-    config = TrainConfig(epochs=4, batch_size=64, lr=2e-2, progress=False, patience=0)
+    train = write_synthetic_store(root / "train", tax, n=400, dim=12, seed=1, noise=1.0)
+    val = write_synthetic_store(root / "val", tax, n=240, dim=12, seed=2, noise=1.0, images_per_product=3)
+    config = TrainConfig(epochs=2, batch_size=64, lr=3e-2, progress=False, patience=0)
     for kind in kinds:
         train_head(kind, train, val, tax, config, root / "run" / kind)
     return tax_csv, root / "run", root / "val"
 
 
+_RUNS: dict[Path, tuple[Path, Path, Path]] = {}
+
+
+def shared_run(factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """One tiny run per test session, shared by the report and CLI tests (training is the slow part)."""
+    base = factory.getbasetemp()
+    if base not in _RUNS:
+        _RUNS[base] = make_run(factory.mktemp("run"))
+    return _RUNS[base]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    return make_run(tmp_path_factory.mktemp("run"))
+    return shared_run(tmp_path_factory)
 
 
 def test_evaluate_report_keys_and_consistency(run: tuple[Path, Path, Path], tmp_path: Path) -> None:

@@ -1,1 +1,212 @@
-"""CLI commands: evaluate (filled in by its issue)."""
+"""``hierclass evaluate`` (flat vs hierarchical report) and ``hierclass predict`` (submission CSV)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from hierclass.checkpoint import read_meta
+from hierclass.cli.app import command, fail
+from hierclass.featurestore import FeatureStore
+from hierclass.inference import Classifier, FusedClassifier, predict_store
+from hierclass.report import (
+    check_store,
+    evaluate,
+    features_meta,
+    fill_missing_products,
+    load_run,
+    write_predictions,
+    write_report,
+)
+from hierclass.taxonomy import Taxonomy
+
+
+class Combine(str, Enum):
+    soft = "soft"
+    topk = "topk"
+    hard = "hard"
+
+
+class Aggregate(str, Enum):
+    mean = "mean"
+    logmean = "logmean"
+    max = "max"
+
+
+class Model(str, Enum):
+    hierarchical = "hierarchical"
+    flat = "flat"
+    fused = "fused"
+
+
+RunDir = Annotated[
+    Path, typer.Option("--run", exists=True, file_okay=False, help="The run directory (RUN/router, experts, flat).")
+]
+FeaturesOpt = Annotated[
+    Path | None, typer.Option("--features", exists=True, file_okay=False, help="A feature folder to score.")
+]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data", exists=True, help="A .bson dump, .csv catalogue or image folder; features are extracted first."
+    ),
+]
+TaxonomyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--taxonomy", exists=True, dir_okay=False, help="The category_names.csv; default: the one the run recorded."
+    ),
+]
+CombineOpt = Annotated[Combine, typer.Option(help="Hierarchical combination: soft, topk or hard routing.")]
+KOpt = Annotated[int, typer.Option("--k", min=1, help="Branches kept by --combine topk.")]
+AggregateOpt = Annotated[Aggregate, typer.Option(help="How a product's images combine: mean, logmean or max.")]
+TtaOpt = Annotated[bool, typer.Option(help="Average with horizontally flipped images (needs hflip features).")]
+AbstainOpt = Annotated[
+    float | None,
+    typer.Option(min=0.0, max=1.0, help="Below this confidence answer only down to level 2 or level 1."),
+]
+AlphaOpt = Annotated[
+    float | None, typer.Option(min=0.0, max=1.0, help="Also score P ∝ P_flat^a · P_hier^(1-a) with this a.")
+]
+BatchOpt = Annotated[int, typer.Option(min=1, help="Images per forward pass of the heads.")]
+
+
+def resolve_taxonomy(run: Path, taxonomy: Path | None) -> Taxonomy:
+    """The ``--taxonomy`` given, else the file the run's checkpoints recorded (when it still exists)."""
+    if taxonomy is not None:
+        return Taxonomy.from_csv(taxonomy)
+    for kind in ("flat", "router", "experts"):
+        if (run / kind).is_dir():
+            source = (read_meta(run / kind).get("taxonomy") or {}).get("source")
+            if source and Path(source).is_file():
+                return Taxonomy.from_csv(source)
+            raise fail(f"{run / kind}: the taxonomy it was trained with ({source}) is not there; pass --taxonomy")
+    raise fail(f"{run}: no flat/, router/ or experts/ checkpoint here; pass the RUN_DIR the train commands wrote to")
+
+
+def open_features(
+    models: dict[str, Classifier],
+    taxonomy: Taxonomy,
+    features: Path | None,
+    data: Path | None,
+    cache: Path,
+    tta: bool,
+) -> FeatureStore:
+    """The feature store to score: ``--features``, or features of ``--data`` extracted (and cached) with
+    the backbone and preprocessing the run's heads were trained on."""
+    if (features is None) == (data is None):
+        raise fail("pass exactly one of --features (a feature folder) or --data (a dump to extract features from)")
+    if features is not None:
+        store = FeatureStore.open(features)
+    else:
+        from hierclass.features import extract_features
+
+        trained = features_meta(models)
+        if not trained.get("backbone"):
+            raise fail("the run's checkpoints do not record their backbone; extract features and pass --features")
+        size = (trained.get("data_config") or {}).get("input_size")
+        typer.echo(f"extracting {data} with {trained['backbone']} into {cache} (reused when run again)")
+        store = extract_features(
+            data,
+            taxonomy,
+            trained["backbone"],
+            trained.get("pretrained", "none"),
+            cache,
+            engine=trained.get("engine", "onnx"),
+            image_size=int(size[-1]) if size else None,
+            hflip=tta,
+        )
+    check_store(store, models)
+    return store
+
+
+@command(name="evaluate")
+def evaluate_command(
+    run: RunDir,
+    out: Annotated[Path, typer.Option(help="The report folder: report.md, report.json and PNG plots.")],
+    features: FeaturesOpt = None,
+    data: DataOpt = None,
+    taxonomy: TaxonomyOpt = None,
+    combine: CombineOpt = Combine.soft,
+    k: KOpt = 3,
+    aggregate: AggregateOpt = Aggregate.mean,
+    tta: TtaOpt = False,
+    abstain_threshold: AbstainOpt = None,
+    fused_alpha: AlphaOpt = None,
+    batch_size: BatchOpt = 4096,
+) -> None:
+    """Score the run's flat and hierarchical models on the same labelled images and products."""
+    tax = resolve_taxonomy(run, taxonomy)
+    models = load_run(run, tax, combine=combine.value, k=k, batch_size=batch_size)
+    if fused_alpha is not None:
+        if set(models) != {"flat", "hierarchical"}:
+            raise fail(f"{run}: --fused-alpha needs both the flat and the hierarchical model")
+        models["fused"] = FusedClassifier(models["flat"], models["hierarchical"], alpha=fused_alpha)  # type: ignore[arg-type]
+    store = open_features(models, tax, features, data, out / "features", tta)
+    report = evaluate(
+        models,
+        store,
+        how=aggregate.value,
+        tta=tta,
+        abstain_threshold=abstain_threshold,
+        meta={"run": str(run)},
+    )
+    md = write_report(report, out)
+    for name in report["meta"]["models"]:
+        r = report[name]
+        typer.echo(
+            f"{name:<13} leaf top-1 {r['leaf_top1']:.4f} (products {r['product']['leaf_top1']:.4f})  "
+            f"level-1 {r['level1_acc']:.4f}  hF1 {r['hierarchical_f1']:.4f}  "
+            f"on {r['n_images']} images / {r['n_products']} products"
+        )
+    typer.echo(f"report       {md}")
+
+
+@command(name="predict")
+def predict_command(
+    run: RunDir,
+    out: Annotated[Path, typer.Option(help="The CSV to write: _id,category_id, one row per product.")],
+    data: DataOpt = None,
+    features: FeaturesOpt = None,
+    taxonomy: TaxonomyOpt = None,
+    model: Annotated[Model, typer.Option(help="hierarchical (default), flat or fused.")] = Model.hierarchical,
+    topk: Annotated[int, typer.Option(min=0, max=50, help="Add the top-K leaves, their names and probabilities.")] = 0,
+    combine: CombineOpt = Combine.soft,
+    k: KOpt = 3,
+    aggregate: AggregateOpt = Aggregate.mean,
+    tta: TtaOpt = False,
+    abstain_threshold: AbstainOpt = None,
+    fused_alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="a of --model fused.")] = 0.5,
+    features_cache: Annotated[
+        Path | None, typer.Option(help="Where --data's features are cached; default RUN/features/<data name>.")
+    ] = None,
+    batch_size: BatchOpt = 4096,
+) -> None:
+    """Predict the category of every product of a dump, in Kaggle's submission format."""
+    tax = resolve_taxonomy(run, taxonomy)
+    models = load_run(run, tax, combine=combine.value, k=k, batch_size=batch_size)
+    if model is Model.fused:
+        if set(models) != {"flat", "hierarchical"}:
+            raise fail(f"{run}: --model fused needs both the flat and the hierarchical model")
+        clf: Classifier = FusedClassifier(models["flat"], models["hierarchical"], alpha=fused_alpha)  # type: ignore[arg-type]
+    elif model.value in models:
+        clf = models[model.value]
+    else:
+        raise fail(f"{run}: has no {model.value} model; train it, or pass --model {', '.join(models)}")
+    cache = features_cache or run / "features" / (data.name if data is not None else "features")
+    store = open_features({model.value: clf}, tax, features, data, cache, tta)
+    _, products = predict_store(clf, store, how=aggregate.value, tta=tta, k=max(topk, 1))
+    if data is not None:
+        from hierclass.data import open_source
+
+        product_ids = open_source(data, progress=False).product_ids
+    else:
+        product_ids = np.unique(store.product_id)
+    products, missing = fill_missing_products(products, product_ids)
+    write_predictions(out, products, tax, topk=topk, abstain_threshold=abstain_threshold)
+    note = f" ({missing} without a usable image got the most predicted leaf)" if missing else ""
+    typer.echo(f"wrote {len(products)} products to {out} with the {model.value} model{note}")

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from test_report import shared_run, write_taxonomy
+from typer.testing import CliRunner
+
+from hierclass.cli import app
+from hierclass.data import synthetic_products, write_dump
+from hierclass.engine import KINDS, TrainConfig, train_head
+from hierclass.features import extract_features
+from hierclass.taxonomy import Taxonomy
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    return shared_run(tmp_path_factory)
+
+
+def one_error_line(result) -> str:  # noqa: ANN001
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_evaluate_features(run: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    tax_csv, run_dir, val_dir = run
+    out = tmp_path / "report"
+    args = ["evaluate", "--run", str(run_dir), "--features", str(val_dir), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--abstain-threshold", "0.6", "--fused-alpha", "0.3", "--combine", "topk"])
+    assert result.exit_code == 0, result.output
+    assert "hierarchical" in result.stdout and "report.md" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["models"] == ["flat", "hierarchical", "fused"]
+    assert report["meta"]["abstain_threshold"] == 0.6 and report["hierarchical"]["abstain"]["threshold"] == 0.6
+    assert report["hierarchical"]["settings"]["combine"] == "topk"
+    assert report["meta"]["taxonomy"]["source"] == str(tax_csv)  # found through the run's checkpoints
+    assert (out / "report.md").is_file() and (out / "reliability.png").is_file()
+
+
+def test_predict_features(run: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    tax_csv, run_dir, val_dir = run
+    out = tmp_path / "sub.csv"
+    base = ["predict", "--run", str(run_dir), "--features", str(val_dir), "--taxonomy", str(tax_csv), "--out"]
+    result = runner.invoke(app, [*base, str(out)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["_id", "category_id"] and len(rows) == 81
+    leaf_ids = {str(c) for c in Taxonomy.from_csv(tax_csv).leaf_ids}
+    assert all(r[1] in leaf_ids for r in rows[1:]) and len({r[0] for r in rows[1:]}) == 80
+    result = runner.invoke(app, [*base, str(out), "--model", "flat", "--topk", "3", "--abstain-threshold", "0.9"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 80 and {"depth", "level1", "top3_prob", "top1_level3"} <= set(rows[0])
+    assert all((r["category_id"] == "") == (r["depth"] != "3") for r in rows)
+    assert all(float(r["top1_prob"]) >= float(r["top2_prob"]) >= float(r["top3_prob"]) for r in rows)
+
+
+def test_cli_errors_are_one_line(run: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    tax_csv, run_dir, val_dir = run
+    base = ["evaluate", "--run", str(run_dir), "--out", str(tmp_path / "r")]
+    line = one_error_line(runner.invoke(app, base))
+    assert "exactly one of --features" in line
+    line = one_error_line(runner.invoke(app, [*base, "--features", str(val_dir), "--tta"]))
+    assert "hflip" in line
+    other = tmp_path / "other.csv"
+    other.write_text("category_id,category_level1,category_level2,category_level3\n1,A,B,C\n")
+    line = one_error_line(runner.invoke(app, [*base, "--features", str(val_dir), "--taxonomy", str(other)]))
+    assert "taxonomy" in line
+    line = one_error_line(runner.invoke(app, ["evaluate", "--run", str(tmp_path), "--out", str(tmp_path / "r")]))
+    assert "no flat/, router/ or experts/" in line
+    (tmp_path / "flat_only").mkdir()
+    (tmp_path / "flat_only" / "flat").symlink_to(run_dir / "flat")
+    pred = ["predict", "--run", str(tmp_path / "flat_only"), "--features", str(val_dir), "--out", str(tmp_path / "p")]
+    assert "has no hierarchical model" in one_error_line(runner.invoke(app, pred))
+    assert "needs both" in one_error_line(runner.invoke(app, [*pred, "--model", "fused"]))
+
+
+def test_end_to_end_from_a_dump(tmp_path: Path) -> None:
+    """Dump -> features (tiny random backbone) -> trained run -> evaluate --data / predict --data."""
+    tax_csv = write_taxonomy(tmp_path / "category_names.csv")
+    tax = Taxonomy.from_csv(tax_csv)
+    products = synthetic_products(10, n_categories=1, max_images=2)
+    products = [(pid, int(tax.leaf_ids[i % tax.n_leaves]), jpegs) for i, (pid, _, jpegs) in enumerate(products)]
+    products.append((5000, int(tax.leaf_ids[0]), [b"not a jpeg"]))  # no usable image: still gets a row
+    dump = tmp_path / "train.bson"
+    write_dump(dump, products)
+    store = extract_features(
+        dump, tax, "test_efficientnet", "none", tmp_path / "feats", engine="torch", image_size=32, progress=False
+    )
+    config = TrainConfig(epochs=1, batch_size=8, progress=False)
+    for kind in KINDS:
+        train_head(kind, store, store, tax, config, tmp_path / "run" / kind)
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["evaluate", "--run", str(tmp_path / "run"), "--data", str(dump), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["flat"]["n_products"] == 10 and report["hierarchical"]["n_images"] == store.valid.sum()
+    assert (out / "features" / "meta.json").is_file()
+    csv_path = tmp_path / "submission.csv"
+    args = ["predict", "--run", str(tmp_path / "run"), "--data", str(dump), "--out", str(csv_path), "--topk", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "1 without a usable image" in result.stdout
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [int(r["_id"]) for r in rows] == [p[0] for p in products]
+    assert (tmp_path / "run" / "features" / "train.bson" / "meta.json").is_file()
