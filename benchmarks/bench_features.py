@@ -1,0 +1,106 @@
+"""Feature-extraction throughput: eager torch vs ONNX Runtime, in one run on the same images.
+
+Runs :func:`hierclass.features.extract_features` end to end (read the dump, decode JPEG,
+resize, backbone, write float16 features) once per engine on the first ``--limit`` images of
+a dump, plus the backbone alone on a fixed random batch, and prints images/s::
+
+    .venv/bin/python benchmarks/bench_features.py                      # fashion val, 2000 images, 128 px
+    .venv/bin/python benchmarks/bench_features.py --limit 0 --workers 1   # the whole dump
+
+Not a test: the numbers depend on the machine and on what else runs on it (the load
+average is printed with them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hierclass.data import open_source
+from hierclass.features import FeatureExtractor, extract_features
+from hierclass.onnx_runtime import usable_cores
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion"
+
+
+class FirstProducts:
+    """The first ``n`` products of an image source (enough to hold ``limit`` images)."""
+
+    def __init__(self, source: object, limit: int) -> None:
+        counts = np.asarray(source.n_images)
+        n = len(counts) if limit <= 0 else int(np.searchsorted(np.cumsum(counts), limit) + 1)
+        self.source = source
+        self.path = source.path
+        self.product_ids = np.asarray(source.product_ids)[:n]
+        self.category_ids = np.asarray(source.category_ids)[:n]
+        self.n_images = counts[:n]
+
+    def __len__(self) -> int:
+        return len(self.product_ids)
+
+    def read_images(self, p: int) -> list[bytes]:
+        return self.source.read_images(p)
+
+
+def model_only(backbone: str, pretrained: str, engine: str, image_size: int, batch_size: int, repeats: int) -> float:
+    """Images/s of the backbone alone on one random batch (after a warm-up pass)."""
+    extractor = FeatureExtractor(backbone, pretrained, engine=engine, image_size=image_size)
+    images = torch.randn(batch_size, 3, image_size, image_size)
+    extractor(images)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        extractor(images)
+    return repeats * batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=SHARED / "val.bson")
+    parser.add_argument("--taxonomy", type=Path, default=SHARED / "category_names.csv")
+    parser.add_argument("--limit", type=int, default=2000, help="images to extract (0: all)")
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--pretrained", default="efficientnet-lite0")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--engines", default="torch,onnx")
+    args = parser.parse_args()
+    if not args.data.is_file():
+        raise SystemExit(f"{args.data}: not found; pass --data DUMP (the fashion dumps live in ../shared/data)")
+
+    source = FirstProducts(open_source(args.data, progress=False), args.limit)
+    n_images = int(source.n_images.sum())
+    print(
+        f"{args.backbone} ({args.pretrained}) at {args.image_size} px, batch {args.batch_size}, "
+        f"workers {args.workers}, {usable_cores()} cores, torch threads {torch.get_num_threads()}, "
+        f"{n_images} images of {args.data.name}; load average before: {os.getloadavg()[0]:.2f}"
+    )
+    print(f"{'engine':<7} {'end-to-end img/s':>17} {'setup s':>8} {'model-only img/s':>17}")
+    for engine in args.engines.split(","):
+        with tempfile.TemporaryDirectory(prefix="bench-features-") as tmp:
+            store = extract_features(
+                source,
+                args.taxonomy,
+                args.backbone,
+                args.pretrained,
+                Path(tmp) / "features",
+                engine=engine,
+                image_size=args.image_size,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                progress=False,
+            )
+            run = store.meta["last_run"]
+        alone = model_only(args.backbone, args.pretrained, engine, args.image_size, args.batch_size, repeats=5)
+        print(f"{engine:<7} {run['images_per_s']:>17.1f} {run['setup_seconds']:>8.1f} {alone:>17.1f}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
