@@ -55,7 +55,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     model = model.eval()
-    example = torch.randn(2, *input_size)
+    example = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation on every call

@@ -157,7 +157,7 @@ def test_onnx_matches_torch(tmp_path: Path) -> None:
 
 
 def test_onnx_engine_end_to_end(dump: Path, taxonomy: Taxonomy, tmp_path: Path) -> None:
-    via_onnx = _extract(dump, taxonomy, tmp_path / "o", engine="onnx")
+    via_onnx = _extract(dump, taxonomy, tmp_path / "o", engine="onnx", workers=2)  # workers fork after ORT starts
     via_torch = _extract(dump, taxonomy, tmp_path / "t", engine="torch")
     assert (tmp_path / "o" / ONNX_FILE).is_file() and via_onnx.meta["engine"] == "onnx"
     a, b = np.asarray(via_onnx.features(), dtype=np.float32), np.asarray(via_torch.features(), dtype=np.float32)
