@@ -174,7 +174,7 @@ def extract_features(
     source_path = Path(source.path).resolve()
     views = ("orig", "hflip") if hflip else ("orig",)
 
-    # Settings first (cheap): a folder made with other settings is refused before any model work.
+    # Settings first: a folder made with other settings is refused before any export or write.
     model = create_backbone(backbone, pretrained)
     settings = {
         "backbone": backbone,
@@ -205,12 +205,7 @@ def extract_features(
             return store
     else:
         leaf = tax.encode(np.asarray(source.category_ids, dtype=np.int64)[product_row], unknown=-1)
-        meta = {
-            **settings,
-            "pretrained_source": str(pretrained),
-            "taxonomy_source": tax.source,
-            "n_products": len(source),
-        }
+        meta = {**settings, "taxonomy_source": tax.source, "n_products": len(source)}
         store = FeatureStore.create(
             out, dim=dim, product_id=product_id, image_number=image_number, leaf=leaf, meta=meta, views=views
         )
