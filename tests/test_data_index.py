@@ -220,3 +220,10 @@ def test_unknown_category_kept_and_encoded_minus_one(tmp_path: Path) -> None:
     assert isinstance(source, BsonDump)
     assert source.category_ids.tolist() == [10, 99, 11]
     assert tax.encode(source.category_ids, unknown=-1).tolist() == [0, -1, 1]
+
+
+def test_picture_bytes_that_look_like_a_document_start(tmp_path: Path) -> None:
+    fake = b"\x30\x00\x00\x00\x10_id\x00\x07\x00\x00\x00\x04imgs\x00" + b"\x00" * 40
+    docs = [_doc(1), bson.encode({"_id": 2, "imgs": [{"picture": fake}, {"picture": fake}], "category_id": 3}), _doc(4)]
+    index = scan_dump(_dump(tmp_path, *docs), progress=False)
+    assert index.report.ok and index.product_id.tolist() == [1, 2, 4] and index.n_images.tolist() == [1, 2, 1]

@@ -46,20 +46,12 @@ MIN_DOC = 5
 
 _I32 = struct.Struct("<i")
 _I64 = struct.Struct("<q")
-# Fast paths for the two layouts met in practice; anything else goes through the generic walker.
-_HEAD_CDISCOUNT = struct.Struct("<5si6si")  # \x10_id\0 <id> \x04imgs\0 <array length>    (Cdiscount)
-_HEAD_IDFIRST = struct.Struct("<5si13si6si")  # _id, category_id, imgs                      (re-encoded)
-_TAIL_CATEGORY = struct.Struct("<13siB")  # \x10category_id\0 <id> and the document's final 0
-_IMG = struct.Struct("<3si9s")  # \x03<k>\0 <sub-document length> \x05picture\0   (k < 10)
 _ID, _CAT, _IMGS = b"\x10_id\x00", b"\x10category_id\x00", b"\x04imgs\x00"
 _PICTURE = b"\x05picture\x00"
-_IMG_KEYS = [b"\x03" + str(k).encode() + b"\x00" for k in range(10)]
 
 # Byte size of BSON values whose size does not depend on their content, by type byte.
 _FIXED = {0x01: 8, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 8, 0x12: 8, 0x13: 16, 0x7F: 0, 0xFF: 0}
 _TYPE_NAMES = {0x01: "double", 0x02: "string", 0x03: "document", 0x04: "array", 0x05: "binary", 0x08: "bool"}
-
-_PROGRESS_STEP = 1 << 26  # update the progress bar every 64 MiB
 
 
 class _Malformed(Exception):
@@ -246,20 +238,68 @@ def _parse_generic(mm: mmap.mmap, off: int, end: int) -> tuple[int | None, int, 
     return pid, cid, n
 
 
-def _fast_images(mm: mmap.mmap, a: int, a_end: int) -> int:
-    """Count images of an ``imgs`` array laid out as Cdiscount writes it; -1 if not that layout."""
+# ---------------------------------------------------------------------- vectorised parsing
+_WINDOW = 1 << 26  # bytes of documents framed, then parsed with numpy, per step
+
+
+def _at(u8: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    return u8[np.clip(idx, 0, len(u8) - 1)].astype(np.int64)  # garbage lengths point anywhere
+
+
+def _i32_at(u8: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    v = _at(u8, idx) | (_at(u8, idx + 1) << 8) | (_at(u8, idx + 2) << 16) | (_at(u8, idx + 3) << 24)
+    return np.where(v >= 1 << 31, v - (1 << 32), v)
+
+
+def _matches(u8: np.ndarray, idx: np.ndarray, pattern: bytes) -> np.ndarray:
+    ok = np.ones(len(idx), dtype=bool)
+    for k, byte in enumerate(pattern):
+        ok &= _at(u8, idx + k) == byte
+    return ok
+
+
+def _parse_regular(u8: np.ndarray, o: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Parse, with numpy, the well-framed documents ``u8[o:end]`` that are laid out regularly.
+
+    Regular means as Cdiscount writes them (``_id, imgs[, category_id]``) or with
+    ``_id, category_id, imgs``, int32 ids and 1 to 10 ``{picture: <binary>}`` images.
+
+    Returns:
+        ``(rows [n, 5] int64: offset, length, product_id, category_id, n_images; ok [n])``;
+        the rows where ``ok`` is False are left to the per-document walker.
+    """
+    ok = (end - o >= 42) & _matches(u8, o + 4, _ID)
+    pid = _i32_at(u8, o + 9)
+    # Layout A (Cdiscount): _id, imgs, then category_id or nothing.
+    is_a = _matches(u8, o + 13, _IMGS)
+    a_end_a = o + 19 + _i32_at(u8, o + 19)
+    with_cat = (end - a_end_a == 18) & _matches(u8, a_end_a, _CAT)
+    ok_a = is_a & (with_cat | (end - a_end_a == 1))
+    # Layout B: _id, category_id, imgs.
+    a_end_b = o + 36 + _i32_at(u8, o + 36)
+    ok_b = ~is_a & _matches(u8, o + 13, _CAT) & _matches(u8, o + 30, _IMGS) & (a_end_b == end - 1)
+    ok &= ok_a | ok_b
+    a = np.where(is_a, o + 19, o + 36)
+    a_end = np.where(is_a, a_end_a, a_end_b)
+    cid = np.where(is_a, np.where(with_cat, _i32_at(u8, a_end_a + 13), -1), _i32_at(u8, o + 26))
+    ok &= (a_end - a > 5) & (a_end < end)
+    # Walk the images of every document at once, one image number per step.
     p = a + 4
-    n = 0
-    last = a_end - 1
-    while p < last:
-        if n >= 10:
-            return -1
-        key, sub, pic = _IMG.unpack_from(mm, p)
-        if key != _IMG_KEYS[n] or pic != _PICTURE or sub < 18:
-            return -1
-        p += 3 + sub
-        n += 1
-    return n if p == last and mm[last] == 0 else -1
+    n = np.zeros(len(o), np.int64)
+    active = ok.copy()
+    for j in range(10):
+        active &= p < a_end - 1
+        if not active.any():
+            break
+        sub = _i32_at(u8, p + 3)
+        good = (_at(u8, p) == 3) & (_at(u8, p + 1) == 48 + j) & (_at(u8, p + 2) == 0) & (sub >= 19)
+        good &= _matches(u8, p + 7, _PICTURE)
+        ok &= ~active | good
+        active &= good
+        p = np.where(active, p + 3 + sub, p)
+        n += active
+    ok &= (p == a_end - 1) & (_at(u8, a_end - 1) == 0) & (n >= 1)
+    return np.stack([o, end - o, pid, cid, n], axis=1), ok
 
 
 def scan_dump(path: str | Path, *, progress: bool = True) -> BsonIndex:
@@ -283,99 +323,93 @@ def scan_dump(path: str | Path, *, progress: bool = True) -> BsonIndex:
     try:
         size = os.fstat(fd).st_size
         if size == 0:
-            return _finish(path, size, array("q"), 0, None, None, Counter(), [None, None])
+            return _finish(path, size, np.zeros((0, 5), np.int64), 0, None, None, Counter(), [None, None])
         mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
     finally:
         os.close(fd)
-    with mm, tqdm(total=size, unit="B", unit_scale=True, desc=path.name, disable=not progress, leave=False) as bar:
-        return _scan(path, mm, size, bar)
+    try:
+        with tqdm(total=size, unit="B", unit_scale=True, desc=path.name, disable=not progress, leave=False) as bar:
+            return _scan(path, mm, size, bar)
+    finally:
+        with contextlib.suppress(BufferError):  # an exception's traceback may still hold a view
+            mm.close()
 
 
 def _scan(path: Path, mm: mmap.mmap, size: int, bar: tqdm) -> BsonIndex:
-    rows = array("q")  # offset, length, product_id, category_id, n_images, flattened
-    extend = rows.extend
     i32 = _I32.unpack_from
-    head_c = _HEAD_CDISCOUNT.unpack_from
-    head_i = _HEAD_IDFIRST.unpack_from
-    tail = _TAIL_CATEGORY.unpack_from
+    u8 = np.frombuffer(mm, dtype=np.uint8)
+    chunks: list[np.ndarray] = []
     skipped: Counter[str] = Counter()
     firsts: list = [None, None]  # first no-images offset, (first malformed offset, reason)
     off = 0
-    next_tick = _PROGRESS_STEP
     stop_reason = None
-    while off < size:
-        if off >= next_tick:
-            bar.update(off - bar.n)
-            next_tick = off + _PROGRESS_STEP
-        left = size - off
-        if left < 4:
-            stop_reason = f"truncated document: {left} byte(s) left, fewer than a 4-byte length prefix"
-            break
-        (n_bytes,) = i32(mm, off)
-        if n_bytes < MIN_DOC:
-            stop_reason = f"length prefix {n_bytes} is below the BSON minimum of {MIN_DOC}"
-            break
-        if n_bytes > left:
-            stop_reason = (
-                f"truncated document: its length prefix says {n_bytes} bytes but only {left} remain in the file"
-            )
-            break
-        end = off + n_bytes
-        if mm[end - 1] != 0:
-            stop_reason = f"document of {n_bytes} bytes does not end with a 0 byte (bad length prefix)"
-            break
-        # Fast paths: the layouts Cdiscount and write_dump produce. Any surprise -> generic walker.
-        pid = cid = n = -1
-        if n_bytes >= 42:
-            f_id, pid, f_imgs, a_len = head_c(mm, off + 4)
-            if f_id == _ID and f_imgs == _IMGS:
-                a = off + 19
-                a_end = a + a_len
-                rest = end - a_end
-                if rest == 18 and a_len > 5:
-                    f_cat, cid, zero = tail(mm, a_end)
-                    n = _fast_images(mm, a, a_end) if f_cat == _CAT and zero == 0 else -1
-                elif rest == 1 and a_len > 5:
-                    n = _fast_images(mm, a, a_end)
-            elif f_id == _ID and n_bytes >= 60:
-                f_id, pid, f_cat, cid, f_imgs, a_len = head_i(mm, off + 4)
-                a = off + 36
-                if f_cat == _CAT and f_imgs == _IMGS and a + a_len == end - 1 and a_len > 5:
-                    n = _fast_images(mm, a, a + a_len)
-        if n <= 0:
+    while off < size and stop_reason is None:
+        # 1. Frame a window of documents by their length prefixes (the only serial part).
+        starts = array("q")
+        append = starts.append
+        limit = min(off + _WINDOW, size)
+        while off < limit:
+            left = size - off
+            if left < 4:
+                stop_reason = f"truncated document: {left} byte(s) left, fewer than a 4-byte length prefix"
+                break
+            (n_bytes,) = i32(mm, off)
+            if n_bytes < MIN_DOC:
+                stop_reason = f"length prefix {n_bytes} is below the BSON minimum of {MIN_DOC}"
+                break
+            if n_bytes > left:
+                stop_reason = (
+                    f"truncated document: its length prefix says {n_bytes} bytes but only {left} remain in the file"
+                )
+                break
+            append(off)
+            off += n_bytes
+        o = np.frombuffer(starts, dtype=np.int64).copy() if len(starts) else np.zeros(0, np.int64)
+        end = np.append(o[1:], off)
+        # 2. A document must end with a 0 byte; the first that does not stops the pass there.
+        unterminated = np.flatnonzero(_at(u8, end - 1) != 0)
+        if len(unterminated):
+            bad = int(unterminated[0])
+            stop_reason = f"document of {int(end[bad] - o[bad])} bytes does not end with a 0 byte (bad length prefix)"
+            o, end, off = o[:bad], end[:bad], int(o[bad])
+        # 3. Parse the regular documents with numpy, the others one by one.
+        rows, ok = _parse_regular(u8, o, end)
+        for i in np.flatnonzero(~ok):
+            doc_off, doc_end = int(o[i]), int(end[i])
             try:
-                pid, cid, n = _parse_generic(mm, off, end)
+                pid, cid, n = _parse_generic(mm, doc_off, doc_end)
                 if pid is None:
                     raise _Malformed("no _id field")
             except (_Malformed, struct.error, IndexError) as e:
                 skipped["malformed"] += 1
                 if firsts[1] is None:
-                    firsts[1] = (off, f"malformed document ({e})")
-                off = end
+                    firsts[1] = (doc_off, f"malformed document ({e})")
                 continue
             if n == 0:
                 skipped["no_images"] += 1
                 if firsts[0] is None:
-                    firsts[0] = off
-                off = end
+                    firsts[0] = doc_off
                 continue
-        extend((off, n_bytes, pid, cid, n))
-        off = end
-    bar.update(off - bar.n)
-    return _finish(path, size, rows, off, stop_reason, off if stop_reason else None, skipped, firsts)
+            rows[i, 2:] = (pid, cid, n)
+            ok[i] = True
+        chunks.append(rows[ok])
+        bar.update(off - bar.n)
+    del u8  # release the buffer before the mmap closes
+    table = np.concatenate(chunks) if chunks else np.zeros((0, 5), np.int64)
+    return _finish(path, size, table, off, stop_reason, off if stop_reason else None, skipped, firsts)
 
 
 def _finish(
     path: Path,
     size: int,
-    rows: array,
+    table: np.ndarray,
     indexed: int,
     stop_reason: str | None,
     stop_offset: int | None,
     skipped: Counter,
     firsts: list,
 ) -> BsonIndex:
-    table = np.frombuffer(rows, dtype=np.int64).reshape(-1, 5) if len(rows) else np.zeros((0, 5), np.int64)
+    table = table if len(table) else np.zeros((0, 5), np.int64)
     cols = [np.ascontiguousarray(table[:, k]) for k in range(5)]
     report = IndexReport(
         path=str(path),
