@@ -76,9 +76,9 @@ def level_proba(proba: np.ndarray, taxonomy: Taxonomy, level: int) -> np.ndarray
     n = taxonomy.n_level1 if level == 1 else taxonomy.n_level2
     # Leaves of one node are contiguous (the taxonomy's order), so a reduceat over starts works.
     starts = np.flatnonzero(np.r_[True, parent[1:] != parent[:-1]])
-    out = np.add.reduceat(np.asarray(proba, dtype=np.float64), starts, axis=1)
+    out = np.add.reduceat(np.asarray(proba), starts, axis=1)
     assert out.shape[1] == n, "leaves of a node must be contiguous"
-    return out.astype(proba.dtype, copy=False)
+    return out
 
 
 def topk(proba: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -458,9 +458,9 @@ def aggregate(proba: np.ndarray, product_id: np.ndarray, how: Aggregation = "mea
     ids_sorted = product_id[order]
     starts = np.flatnonzero(np.r_[True, ids_sorted[1:] != ids_sorted[:-1]]) if len(order) else np.array([], int)
     counts = np.diff(np.r_[starts, len(order)])
-    p = np.asarray(proba, dtype=np.float64)[order]
+    p = np.asarray(proba)[order]  # float32 stays float32: a chunk of images x 5,270 leaves is large
     if len(order) == 0:
-        return ids_sorted, np.asarray(proba)[:0]
+        return ids_sorted, p
     if how == "mean":
         out = np.add.reduceat(p, starts, axis=0) / counts[:, None]
     elif how == "logmean":
@@ -469,7 +469,7 @@ def aggregate(proba: np.ndarray, product_id: np.ndarray, how: Aggregation = "mea
     else:
         out = np.maximum.reduceat(p, starts, axis=0)
     out /= out.sum(axis=1, keepdims=True)
-    return ids_sorted[starts], out.astype(np.asarray(proba).dtype, copy=False)
+    return ids_sorted[starts], out
 
 
 # ---------------------------------------------------------------------------- compact predictions
@@ -557,7 +557,7 @@ def predict_store(
     how: Aggregation = "mean",
     tta: bool = False,
     k: int = 5,
-    chunk_images: int = 65536,
+    chunk_images: int = 8192,
     oracle: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Predictions, Predictions]:

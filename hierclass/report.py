@@ -109,7 +109,7 @@ def evaluate(
     how: Aggregation = "mean",
     tta: bool = False,
     abstain_threshold: float | None = None,
-    chunk_images: int = 65536,
+    chunk_images: int = 8192,
     meta: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score classifiers on the labelled images of a feature store, and on its products.
@@ -346,12 +346,12 @@ def write_plots(report: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
 
     def save(fig: Any, key: str) -> None:
         fig.tight_layout()
-        fig.savefig(out_dir / PLOTS[key], dpi=110)
+        fig.savefig(out_dir / PLOTS[key], dpi=100)
         plt.close(fig)
         done[key] = PLOTS[key]
 
     if present:
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(present) * len(names)), 4.5))
+        fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.12 * len(present) * len(names) + 2)), 4.5))
         width = 0.8 / len(names)
         x = np.arange(len(present))
         for j, n in enumerate(names):

@@ -111,3 +111,26 @@ def test_end_to_end_from_a_dump(tmp_path: Path) -> None:
     rows = list(csv.DictReader(csv_path.open()))
     assert [int(r["_id"]) for r in rows] == [p[0] for p in products]
     assert (tmp_path / "run" / "features" / "train.bson" / "meta.json").is_file()
+
+
+def test_real_cdiscount_sample(cdiscount_taxonomy_csv: Path, cdiscount_sample_bson: Path, tmp_path: Path) -> None:
+    """The real taxonomy (5,270 leaves, 49 branches) and the real sample dump, through predict and evaluate."""
+    tax = Taxonomy.from_csv(cdiscount_taxonomy_csv)
+    store = extract_features(
+        cdiscount_sample_bson, tax, "test_efficientnet", "none", tmp_path / "f", engine="torch", image_size=32,
+        progress=False,
+    )  # fmt: skip
+    config = TrainConfig(epochs=1, batch_size=32, progress=False)
+    for kind in KINDS:
+        train_head(kind, store, store, tax, config, tmp_path / "run" / kind)
+    run = ["--run", str(tmp_path / "run"), "--features", str(tmp_path / "f"), "--taxonomy", str(cdiscount_taxonomy_csv)]
+    out = tmp_path / "sub.csv"
+    result = runner.invoke(app, ["predict", *run, "--out", str(out), "--combine", "topk", "--topk", "5"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert len(rows) == 82 and all(int(r["category_id"]) in set(tax.leaf_ids.tolist()) for r in rows)
+    result = runner.invoke(app, ["evaluate", *run, "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["hierarchical"]["n_images"] == 110 and report["flat"]["n_products"] == 82
+    assert len(report["flat"]["per_branch"]) == 49
