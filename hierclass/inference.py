@@ -462,9 +462,9 @@ def aggregate(proba: np.ndarray, product_id: np.ndarray, how: Aggregation = "mea
     if len(order) == 0:
         return ids_sorted, p
     if how == "mean":
-        out = np.add.reduceat(p, starts, axis=0) / counts[:, None]
+        out = np.add.reduceat(p, starts, axis=0) / counts[:, None].astype(p.dtype)
     elif how == "logmean":
-        logp = np.add.reduceat(np.log(np.maximum(p, TINY)), starts, axis=0) / counts[:, None]
+        logp = np.add.reduceat(np.log(np.maximum(p, TINY)), starts, axis=0) / counts[:, None].astype(p.dtype)
         out = np.exp(logp - logp.max(axis=1, keepdims=True))
     else:
         out = np.maximum.reduceat(p, starts, axis=0)
