@@ -1,0 +1,88 @@
+"""``hierclass demo``: the whole pipeline on an embedded default, offline, in a few minutes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hierclass.cli.app import command
+from hierclass.data.synthetic import make_synthetic_catalogue
+from hierclass.features import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
+from hierclass.pipeline import PipelineConfig, format_table, run_pipeline, summary_rows
+
+SYNTHETIC_BANNER = (
+    "SYNTHETIC DATA: these figures come from generated images of a made-up taxonomy. "
+    "They test the pipeline and say nothing about accuracy on real catalogues."
+)
+
+
+def find_fashion() -> Path | None:
+    """The real Fashion catalogue in ../shared/data/fashion (beside the working directory or the checkout)."""
+    here = Path(__file__).resolve().parents[3]
+    for base in (Path.cwd().parent, here.parent):
+        folder = base / "shared" / "data" / "fashion"
+        if all((folder / f).is_file() for f in ("train.bson", "val.bson", "category_names.csv")):
+            return folder
+    return None
+
+
+@command(name="demo")
+def demo(
+    train: Annotated[
+        Path | None, typer.Option(help="Training dump or catalogue (default: Fashion if present, else synthetic).")
+    ] = None,
+    val: Annotated[Path | None, typer.Option(help="Validation dump or catalogue (with --train).")] = None,
+    taxonomy: Annotated[Path | None, typer.Option(help="category_names.csv (with --train).")] = None,
+    out: Annotated[Path, typer.Option(help="Work folder: features, run, report (reused to resume).")] = Path(
+        "hierclass-demo"
+    ),
+    synthetic: Annotated[
+        bool, typer.Option("--synthetic", help="Use the synthetic catalogue even if Fashion is present.")
+    ] = False,
+    image_size: Annotated[int, typer.Option(help="Backbone input size in pixels.")] = 96,
+    epochs: Annotated[int, typer.Option(help="Training epochs per head.")] = 10,
+    backbone: Annotated[str, typer.Option(help="timm backbone name.")] = DEFAULT_BACKBONE,
+    pretrained: Annotated[
+        str, typer.Option(help="efficientnet-lite0 (offline), hub, none, or a checkpoint path.")
+    ] = DEFAULT_PRETRAINED,
+    engine: Annotated[str, typer.Option(help="Feature extraction engine: onnx or torch.")] = "onnx",
+    n_train: Annotated[int, typer.Option(help="Synthetic catalogue: training products.")] = 1200,
+    n_val: Annotated[int, typer.Option(help="Synthetic catalogue: validation products.")] = 400,
+) -> None:
+    """Run features -> router + experts + flat -> report on real Fashion data or a synthetic catalogue."""
+    if (train is None) != (val is None) or (train is None) != (taxonomy is None):
+        raise typer.BadParameter("give --train, --val and --taxonomy together, or none of them")
+    label = "your data"
+    if train is None:
+        fashion = None if synthetic else find_fashion()
+        if fashion is not None:
+            train, val, taxonomy, label = (
+                fashion / "train.bson",
+                fashion / "val.bson",
+                fashion / "category_names.csv",
+                "real Fashion catalogue",
+            )
+        else:
+            cat = make_synthetic_catalogue(out / "synthetic-data", n_train=n_train, n_val=n_val)
+            train, val, taxonomy, label = cat.train, cat.val, cat.taxonomy, "synthetic"
+    typer.echo(f"data: {label} ({train}, {val})")
+    if label == "synthetic":
+        typer.echo(SYNTHETIC_BANNER)
+    config = PipelineConfig(backbone=backbone, pretrained=pretrained, image_size=image_size, engine=engine)
+    config.train.epochs = epochs
+    result = run_pipeline(
+        train,
+        val,
+        taxonomy,
+        out / ("synthetic" if label == "synthetic" else "run"),
+        config,
+        report_meta={"data": label},
+    )
+    typer.echo("")
+    typer.echo(f"validation results ({label}; image level except the last column):")
+    typer.echo(format_table(summary_rows(result.report)))
+    typer.echo(f"report: {result.report_md}")
+    if label == "synthetic":
+        typer.echo(SYNTHETIC_BANNER)

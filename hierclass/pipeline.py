@@ -1,0 +1,189 @@
+"""The whole frozen-backbone pipeline as one function: features -> router, experts, flat -> report.
+
+This is what ``hierclass demo`` and the experiment scripts run; each stage is also a CLI
+command of its own (``extract-features``, ``train-router``, ``train-experts``, ``train-flat``,
+``evaluate``). Stages resume: finished feature stores and trained heads in ``work_dir`` are
+reused, so a killed run picks up where it stopped.
+
+Layout of ``work_dir``::
+
+    features/train, features/val   feature stores (hierclass.featurestore)
+    run/router, run/experts, run/flat   checkpoints
+    report/                        report.md, report.json, plots
+    timings.json                   seconds per stage (this invocation; reused stages ~0)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hierclass.checkpoint import read_meta
+from hierclass.engine import TrainConfig, train_head
+from hierclass.features import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, extract_features
+from hierclass.featurestore import FeatureStore, write_json_atomic
+from hierclass.inference import FlatClassifier, FusedClassifier, HierarchicalClassifier
+from hierclass.report import evaluate, write_report
+from hierclass.taxonomy import Taxonomy
+
+KINDS = ("router", "experts", "flat")
+
+
+@dataclass
+class PipelineConfig:
+    """Settings of a whole run. Training settings can differ per head kind."""
+
+    backbone: str = DEFAULT_BACKBONE  # any timm model name
+    pretrained: str = DEFAULT_PRETRAINED  # "efficientnet-lite0" (offline ImageNet), "hub", "none" or a path
+    image_size: int | None = 128  # backbone input size; None = the model's own (224 for lite0)
+    engine: str = "onnx"  # "onnx" (fast on CPU) or "torch"
+    extract_batch_size: int = 64
+    workers: int = 0  # DataLoader workers for JPEG decoding
+    train: TrainConfig = field(default_factory=TrainConfig)  # for every head ...
+    per_kind: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # ... with overrides, e.g. {"experts": {"hidden": 256}}
+    combine: str = "soft"  # hierarchical inference: "soft", "topk" or "hard"
+    fuse: bool = True  # also report flat x two-stage fusion, its weight fitted on validation
+    max_calibration_images: int = 50_000  # validation rows used to fit temperatures and the fusion weight
+
+    def train_config(self, kind: str) -> TrainConfig:
+        return replace(self.train, **self.per_kind.get(kind, {}))
+
+
+@dataclass
+class PipelineResult:
+    report: dict[str, Any]
+    report_md: Path
+    timings: dict[str, float]
+    work_dir: Path
+
+
+def run_pipeline(
+    train_data: str | Path,
+    val_data: str | Path,
+    taxonomy: Taxonomy | str | Path,
+    work_dir: str | Path,
+    config: PipelineConfig | None = None,
+    log: Callable[[str], None] = print,
+    report_meta: dict[str, Any] | None = None,
+) -> PipelineResult:
+    """Extract features, train router + experts + flat, and write the flat-vs-hierarchical report.
+
+    Args:
+        train_data, val_data: dumps or image catalogues (anything ``hierclass.data.open_source`` reads).
+        taxonomy: a Taxonomy or the path of its category_names.csv.
+        work_dir: where features, checkpoints and the report go (reused to resume).
+        config: the settings (defaults: offline EfficientNet-Lite0 at 128 px, linear heads).
+        log: where stage messages go.
+        report_meta: extra fields for the report's ``meta`` (e.g. ``{"data": "synthetic"}``).
+    """
+    config = config or PipelineConfig()
+    tax = taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy.from_csv(taxonomy)
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        log(f"[{name}] ...")
+        t0 = time.perf_counter()
+        out = fn()
+        timings[name] = round(time.perf_counter() - t0, 2)
+        log(f"[{name}] done in {timings[name]:.1f} s")
+        return out
+
+    stores: dict[str, FeatureStore] = {}
+    for split, data in (("train", train_data), ("val", val_data)):
+        stores[split] = stage(
+            f"features {split}",
+            lambda data=data, split=split: extract_features(
+                data,
+                tax,
+                config.backbone,
+                config.pretrained,
+                work / "features" / split,
+                engine=config.engine,
+                image_size=config.image_size,
+                batch_size=config.extract_batch_size,
+                workers=config.workers,
+            ),
+        )
+    run = work / "run"
+    for kind in KINDS:
+        if (run / kind / "meta.json").is_file():
+            log(f"[train {kind}] reusing {run / kind} (delete it to retrain)")
+            timings[f"train {kind}"] = 0.0
+            continue
+        stage(
+            f"train {kind}",
+            lambda kind=kind: train_head(
+                kind, stores["train"], stores["val"], tax, config.train_config(kind), run / kind
+            ),
+        )
+
+    def score() -> dict[str, Any]:
+        models: dict[str, Any] = {
+            "flat": FlatClassifier.from_run(run, tax),
+            "hierarchical": HierarchicalClassifier.from_run(run, tax, combine=config.combine),
+        }
+        if config.fuse:
+            x, leaf = calibration_set(stores["val"], config.max_calibration_images)
+            flat = FlatClassifier.from_run(run, tax).calibrate(x, leaf)
+            hier = HierarchicalClassifier.from_run(run, tax, combine=config.combine).calibrate(x, leaf)
+            models["hierarchical_calibrated"] = hier
+            models["fused"] = FusedClassifier(flat, hier).fit_alpha(x, leaf)
+        return evaluate(models, stores["val"], meta={"pipeline": pipeline_meta(config, run), **(report_meta or {})})
+
+    report = stage("evaluate", score)
+    report["meta"]["timings_s"] = timings
+    md = write_report(report, work / "report")
+    write_json_atomic(work / "timings.json", timings)
+    return PipelineResult(report, md, timings, work)
+
+
+def calibration_set(store: FeatureStore, limit: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled valid rows of ``store`` (at most ``limit``, drawn at random) as float32 features and leaves."""
+    rows = np.flatnonzero(store.valid & (store.leaf >= 0))
+    if len(rows) > limit:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
+    return np.asarray(store.features()[rows], dtype=np.float32), store.leaf[rows]
+
+
+def pipeline_meta(config: PipelineConfig, run: Path) -> dict[str, Any]:
+    return {
+        "backbone": config.backbone,
+        "pretrained": config.pretrained,
+        "image_size": config.image_size,
+        "engine": config.engine,
+        "combine": config.combine,
+        "heads": {kind: read_meta(run / kind).get("head") for kind in KINDS},
+        "note": "fused / calibrated variants: temperatures and fusion weight fitted on the same validation set",
+    }
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One row per model: image-level leaf top-1, level-1, level-2, severity, and product-level leaf top-1."""
+    rows = [("model", "leaf top-1", "level-1", "level-2", "mistake severity", "product top-1")]
+    for name in report["meta"]["models"]:
+        m = report[name]
+        rows.append(
+            (
+                name,
+                f"{m['leaf_top1']:.4f}",
+                f"{m['level1_acc']:.4f}",
+                f"{m['level2_acc']:.4f}",
+                f"{m['mistake_severity']:.3f}",
+                f"{m['product']['leaf_top1']:.4f}",
+            )
+        )
+    return rows
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)

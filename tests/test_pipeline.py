@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hierclass.cli import app
+from hierclass.data.synthetic import make_synthetic_catalogue
+from hierclass.engine import TrainConfig
+from hierclass.pipeline import PipelineConfig, run_pipeline, summary_rows
+
+TINY = dict(backbone="test_efficientnet", pretrained="none", image_size=32, engine="torch")
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory: pytest.TempPathFactory):
+    return make_synthetic_catalogue(tmp_path_factory.mktemp("cat"), n_train=60, n_val=30)
+
+
+def test_pipeline_end_to_end_and_resume(tmp_path: Path, catalogue) -> None:
+    config = PipelineConfig(**TINY, train=TrainConfig(epochs=2, progress=False))
+    logs: list[str] = []
+    result = run_pipeline(catalogue.train, catalogue.val, catalogue.taxonomy, tmp_path / "w", config, log=logs.append)
+    report = result.report
+    assert report["meta"]["models"] == ["flat", "hierarchical", "hierarchical_calibrated", "fused"]
+    for name in report["meta"]["models"]:
+        m = report[name]
+        assert m["n_products"] == 30 and m["level1_acc"] >= m["leaf_top1"]
+    assert 0.0 <= report["fused"]["settings"].get("alpha", 0.5) <= 1.0
+    assert (tmp_path / "w" / "report" / "report.json").is_file() and result.report_md.is_file()
+    assert len(summary_rows(report)) == 5
+    # a second run reuses the features and the trained heads
+    again = run_pipeline(catalogue.train, catalogue.val, catalogue.taxonomy, tmp_path / "w", config, log=logs.append)
+    assert again.timings["train flat"] == 0.0 and any("reusing" in line for line in logs)
+    assert again.report["flat"]["leaf_top1"] == report["flat"]["leaf_top1"]
+
+
+def test_demo_command_labels_synthetic(tmp_path: Path) -> None:
+    args = ["demo", "--synthetic", "--out", str(tmp_path), "--n-train", "40", "--n-val", "20", "--epochs", "1"]
+    args += [
+        "--backbone",
+        TINY["backbone"],
+        "--pretrained",
+        TINY["pretrained"],
+        "--image-size",
+        "32",
+        "--engine",
+        "torch",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("SYNTHETIC DATA") == 2
+    assert "hierarchical" in result.output and "fused" in result.output
+
+
+def test_demo_needs_all_three_paths(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["demo", "--train", str(tmp_path / "x.bson")])
+    assert result.exit_code != 0
