@@ -30,7 +30,10 @@ WEIGHTS, META = "model.safetensors", "meta.json"
 CHECKPOINT_VERSION = 1
 
 RUN_SPECIFIC_FEATURE_KEYS = frozenset(
-    {"n_images", "n_bad", "complete", "views", "format_version", "source", "dump", "data", "split", "seconds"}
+    {
+        *("n_images", "n_bad", "n_products", "complete", "views", "format_version", "last_run", "seconds"),
+        *("source", "source_path", "source_size", "taxonomy_source", "dump", "data", "split"),
+    }
 )
 """Feature-store meta fields that describe one extraction run, not how features are made."""
 
@@ -41,6 +44,7 @@ BACKBONE_KEYS = frozenset(
         "pretrained",
         "weights",
         "weights_sha256",
+        "pretrained_sha256",
         "image_size",
         "input_size",
         "preprocess",
