@@ -586,6 +586,7 @@ def predict_store(
     tax = clf.taxonomy
     hier = clf if isinstance(clf, HierarchicalClassifier) else None
     rows_all = np.flatnonzero(store.valid)
+    clf.predict_proba(features["orig"][rows_all[:64]])  # warm-up, so the timing is of steady-state inference
     image_parts, product_parts = [], []
     for rows in product_chunks(store.product_id, rows_all, chunk_images):
         leaf, pid = store.leaf[rows], store.product_id[rows]

@@ -229,7 +229,7 @@ def _metric_table(report: Mapping[str, Any], level: str) -> str:
     count = "n_images" if level == "image" else "n"
     rows.append([f"{level}s scored", *(entries[n].get(count) for n in names)])
     if level == "image":
-        rows.append(["ms per 1000 images (heads)", *(round(report[n]["ms_per_1000_images"], 2) for n in names)])
+        rows.append(["ms per 1000 images (heads)", *(f"{report[n]['ms_per_1000_images']:.1f}" for n in names)])
     return _table(["metric", *names], rows)
 
 
@@ -316,7 +316,7 @@ def _abstention_markdown(report: Mapping[str, Any]) -> str:
         header += [f"{n} leaf coverage", f"{n} leaf acc", f"{n} answered acc"]
     rows = []
     for i, r in enumerate(report[names[0]]["abstention"]):
-        row: list[Any] = [r["threshold"]]
+        row: list[Any] = [f"{r['threshold']:g}"]
         for n in names:
             a = report[n]["abstention"][i]
             row += [a["leaf_coverage"], a["leaf_acc"], a["answered_acc"]]
