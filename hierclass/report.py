@@ -134,6 +134,11 @@ def evaluate(
     taxonomy = next(iter(classifiers.values())).taxonomy
     if tta and "hflip" not in store.meta.get("views", []):
         raise FeatureStoreError(f"{store.root}: no 'hflip' features for --tta; extract the features with --hflip")
+    if not (store.leaf[store.valid] >= 0).any():
+        raise FeatureStoreError(
+            f"{store.root}: no labelled images to score (no category_id of the taxonomy); "
+            "use `hierclass predict` for unlabelled data"
+        )
     report: dict[str, Any] = {
         "meta": {
             "models": list(classifiers),

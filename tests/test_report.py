@@ -138,6 +138,12 @@ def test_load_run_alone_and_errors(run: tuple[Path, Path, Path], tmp_path: Path)
         check_store(other, load_run(run_dir, tax))
     with pytest.raises(FeatureStoreError, match="hflip"):
         evaluate(load_run(run_dir, tax), FeatureStore.open(val_dir), tta=True)
+    with pytest.raises(ValueError, match="reserved"):
+        evaluate({"meta": load_run(run_dir, tax)["flat"]}, FeatureStore.open(val_dir))
+    unlabelled = write_synthetic_store(tmp_path / "unlabelled", tax, n=4, dim=12)
+    unlabelled.leaf[:] = -1  # the in-memory labels only
+    with pytest.raises(FeatureStoreError, match="no labelled images"):
+        evaluate(load_run(run_dir, tax), unlabelled)
 
 
 def preds_fixture() -> tuple[Taxonomy, Predictions]:
