@@ -94,17 +94,24 @@ def topk(proba: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(part, order, axis=1), np.take_along_axis(p, order, axis=1)
 
 
-def _nll_of_temperature(logits: np.ndarray, labels: np.ndarray, groups: list[tuple[np.ndarray, int, int]]):
+def _fit_beta(groups: list[tuple[np.ndarray, np.ndarray]], bounds: tuple[float, float]) -> float:
+    """The temperature minimising the mean NLL over groups ``(logits [n, c], label column [n])``."""
+    n = sum(len(y) for _, y in groups)
+    if n == 0:
+        raise ValueError("no labelled samples to fit a temperature on")
+
     def nll(beta: float) -> float:
         total = 0.0
-        for rows, s, e in groups:
-            z = beta * logits[rows, s:e]
+        for logits, y in groups:
+            z = beta * logits
             m = z.max(axis=1, keepdims=True)
             lse = m[:, 0] + np.log(np.exp(z - m).sum(axis=1))
-            total += float((lse - z[np.arange(len(rows)), labels[rows] - s]).sum())
-        return total / len(labels)
+            total += float((lse - z[np.arange(len(y)), y]).sum(dtype=np.float64))
+        return total / n
 
-    return nll
+    # The NLL is convex in beta = 1/T, so a bounded scalar search finds the optimum.
+    res = minimize_scalar(nll, bounds=(1.0 / bounds[1], 1.0 / bounds[0]), method="bounded", options={"xatol": 1e-4})
+    return float(1.0 / res.x)
 
 
 def fit_temperature(
@@ -125,23 +132,25 @@ def fit_temperature(
     Returns:
         T > 0; divide the logits by it before the softmax.
     """
-    logits = np.asarray(logits, dtype=np.float64)
+    logits = np.asarray(logits)
     labels = np.asarray(labels, dtype=np.int64)
     if len(logits) != len(labels) or len(labels) == 0:
         raise ValueError(f"logits and labels need the same non-zero length, got {len(logits)} and {len(labels)}")
     if branch_start is None:
-        groups = [(np.arange(len(labels)), 0, logits.shape[1])]
-    else:
-        seg = np.searchsorted(branch_start, labels, side="right") - 1
-        groups = [(np.flatnonzero(seg == b), int(branch_start[b]), int(branch_start[b + 1])) for b in np.unique(seg)]
-    # The NLL is convex in beta = 1/T, so a bounded scalar search finds the optimum.
-    res = minimize_scalar(
-        _nll_of_temperature(logits, labels, groups),
-        bounds=(1.0 / bounds[1], 1.0 / bounds[0]),
-        method="bounded",
-        options={"xatol": 1e-4},
-    )
-    return float(1.0 / res.x)
+        return _fit_beta([(logits, labels)], bounds)
+    seg = np.searchsorted(branch_start, labels, side="right") - 1
+    groups = []
+    for b in np.unique(seg):
+        rows, start = np.flatnonzero(seg == b), int(branch_start[b])
+        groups.append((logits[rows, start : int(branch_start[b + 1])], labels[rows] - start))
+    return _fit_beta(groups, bounds)
+
+
+def _calibration_rows(n: int, max_samples: int | None) -> np.ndarray:
+    """A deterministic, evenly spread subset of at most ``max_samples`` rows (all when None)."""
+    if max_samples is None or n <= max_samples:
+        return np.arange(n)
+    return np.linspace(0, n - 1, max_samples).round().astype(np.int64)
 
 
 def _check_kind(meta: dict, expected: str, path: Path) -> None:
@@ -234,9 +243,19 @@ class FlatClassifier(_Classifier):
             or [np.empty((0, self.taxonomy.n_leaves), np.float32)]
         )
 
-    def calibrate(self, features: np.ndarray, leaf: np.ndarray) -> FlatClassifier:
-        """Fit :attr:`temperature` on labelled (validation) features; ``leaf`` are leaf indices."""
-        self.temperature = fit_temperature(self.logits(features), leaf)
+    def calibrate(self, features: np.ndarray, leaf: np.ndarray, max_samples: int | None = 20_000) -> FlatClassifier:
+        """Fit :attr:`temperature` on labelled (validation) features.
+
+        Args:
+            features: ``[N, dim]`` validation features.
+            leaf: their leaf indices (-1: unlabelled, skipped).
+            max_samples: fit on an evenly spread subset of this many rows (the full
+                ``[N, n_leaves]`` logits are held in memory); None: all.
+        """
+        features = _as_features(features)
+        known = np.flatnonzero(np.asarray(leaf) >= 0)
+        rows = known[_calibration_rows(len(known), max_samples)]
+        self.temperature = fit_temperature(self.logits(features[rows]), np.asarray(leaf)[rows])
         return self
 
 
@@ -341,22 +360,43 @@ class HierarchicalClassifier(_Classifier):
         return out
 
     @torch.no_grad()
-    def calibrate(self, features: np.ndarray, leaf: np.ndarray) -> HierarchicalClassifier:
+    def calibrate(
+        self, features: np.ndarray, leaf: np.ndarray, max_samples: int | None = 100_000
+    ) -> HierarchicalClassifier:
         """Fit the router and the expert temperatures on labelled (validation) features.
 
-        The router's is fitted on P(true branch); the experts' on P(true leaf | true branch).
+        The router's is fitted on P(true branch); the experts' on P(true leaf | true branch),
+        running each sample's true-branch expert only (memory O(N x branch size)).
+
+        Args:
+            features: ``[N, dim]`` validation features.
+            leaf: their leaf indices (-1: unlabelled, skipped).
+            max_samples: fit on an evenly spread subset of this many rows; None: all.
         """
         features = _as_features(features)
         leaf = np.asarray(leaf, dtype=np.int64)
-        router_logits, expert_logits = [], []
-        for rows in _batches(len(features), self.batch_size):
-            x = _tensor(features, rows)
+        known = np.flatnonzero(leaf >= 0)
+        rows_all = known[_calibration_rows(len(known), max_samples)]
+        tax = self.taxonomy
+        router_logits = []
+        expert_groups: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for batch in _batches(len(rows_all), self.batch_size):
+            rows = rows_all[batch]
+            x, y = _tensor(features, rows), leaf[rows]
             router_logits.append(self.router(x).float().numpy())
-            expert_logits.append(self.experts(x).float().numpy())
-        self.router_temperature = fit_temperature(np.concatenate(router_logits), self.taxonomy.leaf_level1[leaf])
-        self.expert_temperature = fit_temperature(
-            np.concatenate(expert_logits), leaf, branch_start=self.taxonomy.branch_start
-        )
+            branch = tax.leaf_level1[y]
+            for b in np.unique(branch):
+                if tax.branch_sizes[b] < 2:
+                    continue  # a single-leaf branch's expert is always right: nothing to calibrate
+                sel = np.flatnonzero(branch == b)
+                z = self.experts.branch_logits(x[sel], int(b)).float().numpy()
+                expert_groups.setdefault(int(b), []).append((z, tax.leaf_local[y[sel]]))
+        self.router_temperature = fit_temperature(np.concatenate(router_logits), tax.leaf_level1[leaf[rows_all]])
+        groups = [
+            (np.concatenate([z for z, _ in g]), np.concatenate([t for _, t in g])) for g in expert_groups.values()
+        ]
+        if groups:
+            self.expert_temperature = _fit_beta(groups, (0.05, 20.0))
         return self
 
 

@@ -197,9 +197,21 @@ def test_calibrate_and_fuse() -> None:
     tax = tree(3)
     router, experts, _ = random_heads(tax)
     x = np.random.default_rng(4).normal(size=(300, 8)).astype(np.float32)
-    y = np.random.default_rng(5).integers(0, tax.n_leaves, 300)
+    noise = np.random.default_rng(5).integers(0, tax.n_leaves, 300)
+    own = HierarchicalClassifier(router, experts, tax).predict_proba(x).argmax(1)
+    y = np.where(np.arange(300) % 3 == 0, noise, own)  # labels the model mostly agrees with: T inside the bounds
+    y[:5] = -1  # unlabelled rows are skipped
     hier = HierarchicalClassifier(router, experts, tax).calibrate(x, y)
-    assert hier.router_temperature > 0 and hier.expert_temperature > 0
+    # the compact (true-branch expert only) fit equals the fit on every expert's logits, segment-wise
+    with torch.no_grad():
+        full = experts(torch.from_numpy(x[5:])).numpy()
+        router_logits = router(torch.from_numpy(x[5:])).numpy()
+    expected = fit_temperature(full, y[5:], branch_start=tax.branch_start)
+    assert hier.expert_temperature == pytest.approx(expected, rel=1e-3)
+    assert hier.router_temperature == pytest.approx(fit_temperature(router_logits, tax.leaf_level1[y[5:]]), rel=1e-3)
+    sub = HierarchicalClassifier(router, experts, tax).calibrate(x, y, max_samples=50)
+    assert 0.05 < hier.expert_temperature < 20 and sub.expert_temperature != hier.expert_temperature
+    y[:5] = 0
     perfect = FlatClassifier(PerfectFlat(tax.n_leaves), tax)
     xy = np.concatenate([x, y[:, None].astype(np.float32)], axis=1)
     hier_xy = HierarchicalClassifier(DropLast(router), DropLast(experts), tax)
