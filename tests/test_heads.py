@@ -71,6 +71,31 @@ def test_routed_loss_touches_only_own_experts(tax: Taxonomy, hidden: int | None)
         assert touched == (b in (1, 3)), b
 
 
+def test_grouped_linear_experts_match_packed_matmul(tax: Taxonomy) -> None:
+    # Training runs one matmul per branch present; it must equal gathering from the packed all-experts matmul.
+    torch.manual_seed(0)
+    model = ExpertHeads(8, tax)
+    x = torch.randn(40, 8)
+    branch = torch.randint(0, tax.n_level1, (40,))
+    target = (torch.rand(40) * model.sizes[branch]).long()
+
+    def loss_and_grads(routed: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(routed, target)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    local = torch.arange(model.max_size)
+    cols = (model.starts[branch].unsqueeze(1) + local).clamp_max(tax.n_leaves - 1)
+    packed = model(x).gather(1, cols).masked_fill(local >= model.sizes[branch].unsqueeze(1), float("-inf"))
+    want_loss, want_grads = loss_and_grads(packed)
+    got_loss, got_grads = loss_and_grads(model.routed_logits(x, branch))
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
+    for got, want in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert model.routed_logits(x[:0], branch[:0]).shape == (0, model.max_size)
+
+
 def test_copy_branch_changes_only_that_branch(tax: Taxonomy) -> None:
     torch.manual_seed(0)
     a, b = ExpertHeads(4, tax, hidden=3), ExpertHeads(4, tax, hidden=3)

@@ -153,7 +153,8 @@ class ExpertHeads(nn.Module):
     (``log P(leaf | branch)``); :meth:`branch_logits` runs one expert only; :meth:`routed_logits`
     runs, for each sample, only the expert of a given branch (training).
 
-    Linear experts are one ``nn.Linear(dim, n_leaves)``: all experts in one matmul. MLP experts
+    Linear experts are one ``nn.Linear(dim, n_leaves)``: all experts in one matmul at inference,
+    one matmul per branch present on its own samples in training (:meth:`routed_logits`). MLP experts
     (``hidden`` given) have a hidden layer per branch, batched as described in the module doc.
 
     Args:
@@ -228,13 +229,32 @@ class ExpertHeads(nn.Module):
         """
         local = torch.arange(self.max_size, device=x.device)
         real = local.unsqueeze(0) < self.sizes[branch].unsqueeze(1)
-        if self.hidden is None:
-            # One packed matmul for all experts, then each sample keeps its own branch's segment.
-            cols = (self.starts[branch].unsqueeze(1) + local).clamp_max(self.n_leaves - 1)
-            out = self(x).gather(1, cols)
-        else:
-            out = self._grouped_mlp(x, branch)
+        out = self._grouped_linear(x, branch) if self.hidden is None else self._grouped_mlp(x, branch)
         return out.masked_fill(~real, -math.inf)
+
+    def _grouped_linear(self, x: Tensor, branch: Tensor) -> Tensor:
+        """Run each sample through its own branch's rows of the packed linear layer only.
+
+        Sorting the batch by branch and running one matmul per branch present costs each sample
+        its branch's size in columns instead of all ``n_leaves`` (~190 instead of 5,270 on
+        Cdiscount). The weight is cut with ``split``, whose backward writes each branch's
+        gradient into one buffer; slicing it per branch would add a full-size gradient per branch
+        (5x slower on CPU). A padded ``bmm`` over gathered weights (the MLP path) measured 4x slower.
+        """
+        order = torch.argsort(branch, stable=True)
+        counts = torch.bincount(branch, minlength=self.n_branches).tolist()
+        xs = self.drop(x)[order].split(counts)
+        weights = self.linear.weight.split(self.branch_sizes)
+        biases = self.linear.bias.split(self.branch_sizes)
+        parts = [
+            F.pad(F.linear(xs[b], weights[b], biases[b]), (0, self.max_size - self.branch_sizes[b]))
+            for b in range(self.n_branches)
+            if counts[b]
+        ]
+        out = x.new_empty((len(branch), self.max_size))
+        if parts:
+            out[order] = torch.cat(parts)
+        return out
 
     def _grouped_mlp(self, x: Tensor, branch: Tensor) -> Tensor:
         """Run each sample through its own branch's MLP: group by branch, pad, two bmm calls."""
