@@ -447,21 +447,32 @@ class FusedClassifier(_Classifier):
         leaf: np.ndarray,
         grid: np.ndarray | None = None,
         objective: Literal["nll", "accuracy"] = "nll",
+        max_samples: int | None = 100_000,
     ) -> FusedClassifier:
         """Choose :attr:`alpha` on labelled (validation) features from a grid (default 0, 0.05, ..., 1).
 
-        ``objective="nll"`` minimises the negative log-likelihood; ``"accuracy"`` maximises
-        leaf top-1 accuracy (ties: the smallest such alpha). ``leaf`` are leaf indices.
+        Args:
+            features: ``[N, dim]`` validation features.
+            leaf: their leaf indices (-1: unlabelled, skipped).
+            grid: the alphas tried.
+            objective: ``"nll"`` minimises the negative log-likelihood; ``"accuracy"``
+                maximises leaf top-1 accuracy (ties: the smallest such alpha).
+            max_samples: use an evenly spread subset of this many rows; None: all.
         """
         if objective not in ("nll", "accuracy"):
             raise ValueError(f"objective must be 'nll' or 'accuracy', got {objective!r}")
         features = _as_features(features)
-        leaf = torch.as_tensor(np.asarray(leaf, dtype=np.int64))
+        leaf = np.asarray(leaf, dtype=np.int64)
+        known = np.flatnonzero(leaf >= 0)
+        rows_all = known[_calibration_rows(len(known), max_samples)]
+        if len(rows_all) == 0:
+            raise ValueError("no labelled samples to fit alpha on")
         grid = np.linspace(0.0, 1.0, 21) if grid is None else np.asarray(grid, dtype=np.float64)
         score = np.zeros(len(grid))
-        for rows in _batches(len(features), self.batch_size):
+        for batch in _batches(len(rows_all), self.batch_size):
+            rows = rows_all[batch]
             log_flat, log_hier = self._log_parts(_tensor(features, rows))
-            y = leaf[rows]
+            y = torch.from_numpy(leaf[rows])
             for i, a in enumerate(grid):
                 logp = torch.log_softmax(a * log_flat + (1.0 - a) * log_hier, dim=1)
                 if objective == "nll":

@@ -484,6 +484,38 @@ def check_store(store: FeatureStore, classifiers: Mapping[str, Classifier]) -> N
         )
 
 
+def calibrate(models: Mapping[str, Classifier], store: FeatureStore, *, tune_fused: bool = True) -> dict[str, Any]:
+    """Fit every model's temperatures (and fused alphas) on labelled validation features, in place.
+
+    Flat and hierarchical models get their temperatures (:meth:`FlatClassifier.calibrate`,
+    :meth:`HierarchicalClassifier.calibrate`) first; then each fused model's ``alpha`` is
+    chosen by NLL over its (calibrated) parts when ``tune_fused``.
+
+    Returns:
+        What was fitted, per model (also in each model's ``settings`` in the report).
+    """
+    check_store(store, models)
+    features = store.features()
+    leaf = np.where(store.valid, store.leaf, -1)
+    fitted: dict[str, Any] = {}
+    done: set[int] = set()
+    for name, clf in models.items():
+        if isinstance(clf, (FlatClassifier, HierarchicalClassifier)) and id(clf) not in done:
+            clf.calibrate(features, leaf)
+            done.add(id(clf))
+            fitted[name] = settings_of(clf)
+    for name, clf in models.items():
+        if isinstance(clf, FusedClassifier):
+            for part in (clf.flat, clf.hierarchical):
+                if id(part) not in done:
+                    part.calibrate(features, leaf)
+                    done.add(id(part))
+            if tune_fused:
+                clf.fit_alpha(features, leaf)
+            fitted[name] = settings_of(clf)
+    return fitted
+
+
 # ---------------------------------------------------------------------------- predictions CSV
 def fill_missing_products(products: Predictions, product_ids: np.ndarray) -> tuple[Predictions, int]:
     """One prediction per product of ``product_ids`` (in that order), so a submission lists every product.

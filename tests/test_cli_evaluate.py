@@ -12,6 +12,8 @@ from hierclass.cli import app
 from hierclass.data import synthetic_products, write_dump
 from hierclass.engine import KINDS, TrainConfig, train_head
 from hierclass.features import extract_features
+from hierclass.featurestore import FeatureStore
+from hierclass.report import evaluate, load_run
 from hierclass.taxonomy import Taxonomy
 
 runner = CliRunner()
@@ -42,6 +44,24 @@ def test_evaluate_features(run: tuple[Path, Path, Path], tmp_path: Path) -> None
     assert report["hierarchical"]["settings"]["combine"] == "topk"
     assert report["meta"]["taxonomy"]["source"] == str(tax_csv)  # found through the run's checkpoints
     assert (out / "report.md").is_file() and (out / "reliability.png").is_file()
+    assert report["fused"]["settings"]["alpha"] == 0.3
+
+
+def test_evaluate_calibrated_and_tuned(run: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, run_dir, val_dir = run
+    out = tmp_path / "report"
+    args = ["evaluate", "--run", str(run_dir), "--features", str(val_dir), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--calibrate", str(val_dir), "--fused-alpha", "auto"])
+    assert result.exit_code == 0, result.output
+    assert "calibrated   hierarchical: router_temperature=" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["flat"]["settings"]["temperature"] != 1.0
+    assert report["hierarchical"]["settings"]["expert_temperature"] != 1.0
+    assert report["fused"]["settings"]["alpha"] in [i / 20 for i in range(21)]
+    # calibration does not change which leaf wins for flat (one temperature scales every logit)
+    tax = Taxonomy.from_csv(report["meta"]["taxonomy"]["source"])
+    plain = evaluate({"flat": load_run(run_dir, tax)["flat"]}, FeatureStore.open(val_dir))
+    assert plain["flat"]["leaf_top1"] == report["flat"]["leaf_top1"]
 
 
 def test_predict_features(run: tuple[Path, Path, Path], tmp_path: Path) -> None:
@@ -80,6 +100,10 @@ def test_cli_errors_are_one_line(run: tuple[Path, Path, Path], tmp_path: Path) -
     pred = ["predict", "--run", str(tmp_path / "flat_only"), "--features", str(val_dir), "--out", str(tmp_path / "p")]
     assert "has no hierarchical model" in one_error_line(runner.invoke(app, pred))
     assert "needs both" in one_error_line(runner.invoke(app, [*pred, "--model", "fused"]))
+    ev = ["evaluate", "--run", str(run_dir), "--features", str(val_dir), "--out", str(tmp_path / "r")]
+    assert "pass them with --calibrate" in one_error_line(runner.invoke(app, [*ev, "--fused-alpha", "auto"]))
+    assert "outside [0, 1]" in one_error_line(runner.invoke(app, [*ev, "--fused-alpha", "2"]))
+    assert "not a number" in one_error_line(runner.invoke(app, [*ev, "--fused-alpha", "half"]))
 
 
 def test_end_to_end_from_a_dump(tmp_path: Path) -> None:
@@ -129,8 +153,6 @@ def test_real_cdiscount_sample(cdiscount_taxonomy_csv: Path, cdiscount_sample_bs
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(out.open(encoding="utf-8")))
     assert len(rows) == 82 and all(int(r["category_id"]) in set(tax.leaf_ids.tolist()) for r in rows)
-    result = runner.invoke(app, ["evaluate", *run, "--out", str(tmp_path / "rep")])
-    assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    report = evaluate(load_run(tmp_path / "run", tax), FeatureStore.open(tmp_path / "f"))  # CLI: tested above
     assert report["hierarchical"]["n_images"] == 110 and report["flat"]["n_products"] == 82
     assert len(report["flat"]["per_branch"]) == 49

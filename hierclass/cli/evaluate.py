@@ -14,6 +14,7 @@ from hierclass.cli.app import command, fail
 from hierclass.featurestore import FeatureStore
 from hierclass.inference import Classifier, FusedClassifier, predict_store
 from hierclass.report import (
+    calibrate,
     check_store,
     evaluate,
     features_meta,
@@ -70,7 +71,19 @@ AbstainOpt = Annotated[
     typer.Option(min=0.0, max=1.0, help="Below this confidence answer only down to level 2 or level 1."),
 ]
 AlphaOpt = Annotated[
-    float | None, typer.Option(min=0.0, max=1.0, help="Also score P ∝ P_flat^a · P_hier^(1-a) with this a.")
+    str | None,
+    typer.Option(
+        help="Also score the fused model P ∝ P_flat^a · P_hier^(1-a): a in [0, 1], or 'auto' (tuned on --calibrate)."
+    ),
+]
+CalibrateOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--calibrate",
+        exists=True,
+        file_okay=False,
+        help="Validation features: fit each head's temperature (and an 'auto' fused a) on them first.",
+    ),
 ]
 BatchOpt = Annotated[int, typer.Option(min=1, help="Images per forward pass of the heads.")]
 
@@ -86,6 +99,39 @@ def resolve_taxonomy(run: Path, taxonomy: Path | None) -> Taxonomy:
                 return Taxonomy.from_csv(source)
             raise fail(f"{run / kind}: the taxonomy it was trained with ({source}) is not there; pass --taxonomy")
     raise fail(f"{run}: no flat/, router/ or experts/ checkpoint here; pass the RUN_DIR the train commands wrote to")
+
+
+def build_models(
+    run: Path,
+    tax: Taxonomy,
+    *,
+    combine: Combine,
+    k: int,
+    batch_size: int,
+    fused_alpha: str | None,
+    calibrate_dir: Path | None,
+) -> dict[str, Classifier]:
+    """The run's models, plus ``fused`` when ``fused_alpha`` is given, calibrated on ``calibrate_dir`` if given."""
+    models = load_run(run, tax, combine=combine.value, k=k, batch_size=batch_size)
+    auto = fused_alpha is not None and fused_alpha.strip().lower() == "auto"
+    if fused_alpha is not None:
+        if set(models) != {"flat", "hierarchical"}:
+            raise fail(f"{run}: a fused model needs both the flat and the hierarchical model")
+        if auto and calibrate_dir is None:
+            raise fail("--fused-alpha auto tunes a on validation features; pass them with --calibrate")
+        try:
+            alpha = 0.5 if auto else float(fused_alpha)
+        except ValueError:
+            raise fail(f"--fused-alpha {fused_alpha!r} is not a number; give a in [0, 1] or 'auto'") from None
+        if not 0.0 <= alpha <= 1.0:
+            raise fail(f"--fused-alpha {alpha} is outside [0, 1]; give a in [0, 1] or 'auto'")
+        models["fused"] = FusedClassifier(models["flat"], models["hierarchical"], alpha=alpha)  # type: ignore[arg-type]
+    if calibrate_dir is not None:
+        fitted = calibrate(models, FeatureStore.open(calibrate_dir), tune_fused=auto)
+        for name, settings in fitted.items():
+            shown = {k: round(v, 4) for k, v in settings.items() if isinstance(v, float)}
+            typer.echo(f"calibrated   {name}: {', '.join(f'{k}={v}' for k, v in shown.items())}")
+    return models
 
 
 def open_features(
@@ -137,15 +183,20 @@ def evaluate_command(
     tta: TtaOpt = False,
     abstain_threshold: AbstainOpt = None,
     fused_alpha: AlphaOpt = None,
+    calibrate_dir: CalibrateOpt = None,
     batch_size: BatchOpt = 4096,
 ) -> None:
     """Score the run's flat and hierarchical models on the same labelled images and products."""
     tax = resolve_taxonomy(run, taxonomy)
-    models = load_run(run, tax, combine=combine.value, k=k, batch_size=batch_size)
-    if fused_alpha is not None:
-        if set(models) != {"flat", "hierarchical"}:
-            raise fail(f"{run}: --fused-alpha needs both the flat and the hierarchical model")
-        models["fused"] = FusedClassifier(models["flat"], models["hierarchical"], alpha=fused_alpha)  # type: ignore[arg-type]
+    models = build_models(
+        run,
+        tax,
+        combine=combine,
+        k=k,
+        batch_size=batch_size,
+        fused_alpha=fused_alpha,
+        calibrate_dir=calibrate_dir,
+    )
     store = open_features(models, tax, features, data, out / "features", tta)
     report = evaluate(
         models,
@@ -180,7 +231,10 @@ def predict_command(
     aggregate: AggregateOpt = Aggregate.mean,
     tta: TtaOpt = False,
     abstain_threshold: AbstainOpt = None,
-    fused_alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="a of --model fused.")] = 0.5,
+    fused_alpha: Annotated[
+        str, typer.Option(help="a of --model fused, in [0, 1], or 'auto' (tuned on --calibrate).")
+    ] = "0.5",
+    calibrate_dir: CalibrateOpt = None,
     features_cache: Annotated[
         Path | None, typer.Option(help="Where --data's features are cached; default RUN/features/<data name>.")
     ] = None,
@@ -188,15 +242,18 @@ def predict_command(
 ) -> None:
     """Predict the category of every product of a dump, in Kaggle's submission format."""
     tax = resolve_taxonomy(run, taxonomy)
-    models = load_run(run, tax, combine=combine.value, k=k, batch_size=batch_size)
-    if model is Model.fused:
-        if set(models) != {"flat", "hierarchical"}:
-            raise fail(f"{run}: --model fused needs both the flat and the hierarchical model")
-        clf: Classifier = FusedClassifier(models["flat"], models["hierarchical"], alpha=fused_alpha)  # type: ignore[arg-type]
-    elif model.value in models:
-        clf = models[model.value]
-    else:
-        raise fail(f"{run}: has no {model.value} model; train it, or pass --model {', '.join(models)}")
+    models = build_models(
+        run,
+        tax,
+        combine=combine,
+        k=k,
+        batch_size=batch_size,
+        fused_alpha=fused_alpha if model is Model.fused else None,
+        calibrate_dir=calibrate_dir,
+    )
+    if model.value not in models:
+        raise fail(f"{run}: has no {model.value} model; train it, or pass --model {' or '.join(models)}")
+    clf = models[model.value]
     cache = features_cache or run / "features" / (data.name if data is not None else "features")
     store = open_features({model.value: clf}, tax, features, data, cache, tta)
     _, products = predict_store(clf, store, how=aggregate.value, tta=tta, k=max(topk, 1))
