@@ -321,7 +321,7 @@ class HierarchicalClassifier(_Classifier):
             cond = segment_log_softmax(self.experts(x).float() / self.expert_temperature, self.taxonomy).exp()
             return cond * router[:, torch.tensor(self.taxonomy.leaf_level1)]
         k = 1 if self.combine == "hard" else min(self.k, self.taxonomy.n_level1)
-        weight, chosen = torch.topk(router, k, dim=1)  # ties: lowest branch index first (stable across batches)
+        weight, chosen = torch.topk(router, k, dim=1)  # row by row: independent of the batch
         weight = weight / weight.sum(dim=1, keepdim=True)
         out = torch.zeros(len(x), self.taxonomy.n_leaves)
         start = self.taxonomy.branch_start
