@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ class PipelineConfig:
     engine: str = "onnx"  # "onnx" (fast on CPU) or "torch"
     extract_batch_size: int = 64
     workers: int = 0  # DataLoader workers for JPEG decoding
+    hflip: bool = False  # also extract features of horizontally flipped images
+    tta: bool = False  # evaluate on the mean of both views (needs hflip)
     train: TrainConfig = field(default_factory=TrainConfig)  # for every head ...
     per_kind: dict[str, dict[str, Any]] = field(
         default_factory=dict
@@ -72,6 +74,7 @@ def run_pipeline(
     config: PipelineConfig | None = None,
     log: Callable[[str], None] = print,
     report_meta: dict[str, Any] | None = None,
+    features_dir: str | Path | None = None,
 ) -> PipelineResult:
     """Extract features, train router + experts + flat, and write the flat-vs-hierarchical report.
 
@@ -82,12 +85,17 @@ def run_pipeline(
         config: the settings (defaults: offline EfficientNet-Lite0 at 128 px, linear heads).
         log: where stage messages go.
         report_meta: extra fields for the report's ``meta`` (e.g. ``{"data": "synthetic"}``).
+        features_dir: where the feature stores go (default ``work_dir/features``); runs with
+            other head settings can share one.
     """
     config = config or PipelineConfig()
+    if config.tta and not config.hflip:
+        raise ValueError("tta needs hflip: the flipped view must be extracted to average over it")
     tax = taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy.from_csv(taxonomy)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    features_root = Path(features_dir) if features_dir is not None else work / "features"
 
     def stage(name: str, fn: Callable[[], Any]) -> Any:
         log(f"[{name}] ...")
@@ -106,11 +114,12 @@ def run_pipeline(
                 tax,
                 config.backbone,
                 config.pretrained,
-                work / "features" / split,
+                features_root / split,
                 engine=config.engine,
                 image_size=config.image_size,
                 batch_size=config.extract_batch_size,
                 workers=config.workers,
+                hflip=config.hflip,
             ),
         )
     run = work / "run"
@@ -137,7 +146,8 @@ def run_pipeline(
             hier = HierarchicalClassifier.from_run(run, tax, combine=config.combine).calibrate(x, leaf)
             models["hierarchical_calibrated"] = hier
             models["fused"] = FusedClassifier(flat, hier).fit_alpha(x, leaf)
-        return evaluate(models, stores["val"], meta={"pipeline": pipeline_meta(config, run), **(report_meta or {})})
+        meta = {"pipeline": pipeline_meta(config, run), **(report_meta or {})}
+        return evaluate(models, stores["val"], tta=config.tta, meta=meta)
 
     report = stage("evaluate", score)
     report["meta"]["timings_s"] = timings
@@ -161,6 +171,8 @@ def pipeline_meta(config: PipelineConfig, run: Path) -> dict[str, Any]:
         "image_size": config.image_size,
         "engine": config.engine,
         "combine": config.combine,
+        "tta": config.tta,
+        "train": {kind: asdict(config.train_config(kind)) for kind in KINDS},
         "heads": {kind: read_meta(run / kind).get("head") for kind in KINDS},
         "note": "fused / calibrated variants: temperatures and fusion weight fitted on the same validation set",
     }
