@@ -2,22 +2,22 @@
 
 The real Cdiscount images are out of reach here; its taxonomy (5,270 leaves) and its
 per-leaf image counts (``category_count_level3.csv``, 12,371,293 images) are not. This
-module draws N labelled feature rows with that label distribution and a hierarchical
-structure (a mean per level-1 branch, an offset per level-2 node, an offset per leaf, plus
-noise), and streams them into an on-disk float16 :class:`~hierclass.featurestore.FeatureStore`
-chunk by chunk, so N is bounded by disk, not memory.
+module joins those counts to the taxonomy and writes stores with
+:func:`hierclass.synthetic.write_synthetic_store` (a mean per level-1 branch, an offset per
+level-2 node, an offset per leaf, plus noise), streamed chunk by chunk into an on-disk float16
+:class:`~hierclass.featurestore.FeatureStore`, so N is bounded by disk, not memory.
 """
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from hierclass.featurestore import OK, FeatureStore
+from hierclass.featurestore import FeatureStore
+from hierclass.synthetic import write_synthetic_store
 from hierclass.taxonomy import Taxonomy
 
 
@@ -44,60 +44,48 @@ def leaf_image_counts(taxonomy: Taxonomy, counts_csv: str | Path) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Structure:
-    """Scales of the hierarchical feature model (per component, before noise)."""
+    """Scales of the hierarchical feature model, as per-component standard deviations."""
 
-    # Tuned with a nearest-class-mean (linear) classifier on 300k rows of the real label
-    # distribution: (0.08, 0.06, 0.08) gave 60% leaf / 85% level-1, (0.1, 0.08, 0.06) 53% / 94%;
+    # A nearest-class-mean probe on 300k rows of the real label distribution (dim 1,280) gave
+    # 60% leaf / 85% level-1 at (0.08, 0.06, 0.08, noise 1.0) and 53% / 94% at (0.1, 0.08, 0.06):
     # in 1,280 dimensions even small offsets separate well, hence the small scales.
     level1: float = 0.08  # spread of the branch means
     level2: float = 0.06  # spread of the level-2 offsets
-    leaf: float = 0.09  # spread of the leaf offsets
+    leaf: float = 0.08  # spread of the leaf offsets
     noise: float = 1.0  # per-image noise
 
 
-class FeatureSimulator:
-    """Draw hierarchical features for a taxonomy; the class means are fixed by ``seed``."""
+def write_simulated_store(
+    out: str | Path,
+    taxonomy: Taxonomy,
+    leaf_weights: np.ndarray,
+    n: int,
+    seed: int,
+    dim: int = 1280,
+    structure: Structure = Structure(),
+    means_seed: int = 0,
+    progress: bool = True,
+) -> FeatureStore:
+    """``n`` simulated images (one per product) with leaves drawn from ``leaf_weights``.
 
-    def __init__(self, taxonomy: Taxonomy, dim: int = 1280, structure: Structure = Structure(), seed: int = 0):
-        rng = np.random.default_rng(seed)
-        self.taxonomy, self.dim, self.structure = taxonomy, dim, structure
-        mu1 = rng.normal(0, structure.level1, (taxonomy.n_level1, dim)).astype(np.float32)
-        mu2 = rng.normal(0, structure.level2, (taxonomy.n_level2, dim)).astype(np.float32)
-        mu3 = rng.normal(0, structure.leaf, (taxonomy.n_leaves, dim)).astype(np.float32)
-        self.leaf_means = mu1[taxonomy.leaf_level1] + mu2[taxonomy.leaf_level2] + mu3
-
-    def sample(self, leaves: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Features (float32) for images of the given leaves."""
-        noise = rng.standard_normal((len(leaves), self.dim), dtype=np.float32) * self.structure.noise
-        return self.leaf_means[leaves] + noise
-
-    def write_store(
-        self,
-        out: str | Path,
-        leaf_weights: np.ndarray,
-        n: int,
-        seed: int,
-        chunk: int = 32_768,
-        progress: bool = True,
-    ) -> FeatureStore:
-        """Stream ``n`` rows with leaves drawn from ``leaf_weights`` into a FeatureStore at ``out``."""
-        rng = np.random.default_rng(seed)
-        p = leaf_weights / leaf_weights.sum()
-        leaves = rng.choice(self.taxonomy.n_leaves, size=n, p=p).astype(np.int64)
-        store = FeatureStore.create(
-            out,
-            dim=self.dim,
-            product_id=np.arange(n, dtype=np.int64),  # one image per simulated product
-            image_number=np.zeros(n, dtype=np.int64),
-            leaf=leaves,
-            meta={
-                "taxonomy_fingerprint": self.taxonomy.fingerprint,
-                "backbone": {"name": "simulated", "structure": self.structure.__dict__, "dim": self.dim},
-                "source": {"path": "simulated", "seed": seed},
-            },
-        )
-        for start in tqdm(range(0, n, chunk), desc=f"simulate {Path(out).name}", unit="chunk", disable=not progress):
-            rows = np.arange(start, min(start + chunk, n))
-            store.write(rows, {"orig": self.sample(leaves[rows], rng)}, np.full(len(rows), OK, dtype=np.int8))
-        store.mark_complete()
-        return FeatureStore.open(out)
+    Stores of one problem (train, test) share ``means_seed`` and ``structure`` and differ by ``seed``.
+    """
+    # write_synthetic_store's scales are norms over all components; Structure's are per component.
+    root_dim = float(np.sqrt(dim))
+    return write_synthetic_store(
+        out,
+        taxonomy,
+        n,
+        dim,
+        seed,
+        means_seed=means_seed,
+        noise=structure.noise * root_dim,
+        leaf_weights=leaf_weights,
+        level1_scale=structure.level1 * root_dim,
+        level2_scale=structure.level2 * root_dim,
+        leaf_scale=structure.leaf * root_dim,
+        images_per_product=1,
+        chunk=32_768,
+        meta={"backbone": {"name": "simulated", "structure": asdict(structure), "dim": dim}},
+        progress=progress,
+    )

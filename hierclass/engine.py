@@ -394,6 +394,7 @@ def train_head(
         train_loss, step = train_one_epoch(
             model, task, train, optimizer, config, rng, step, total_steps, weights, sample_p, f"{what} {epoch}"
         )
+        train_seconds = time.perf_counter() - t0
         metrics = evaluate(model, task, val, config)
         epochs_run = epoch
         record = {
@@ -402,6 +403,7 @@ def train_head(
             **metrics,
             "lr": lr_at(step - 1, total_steps, config),
             "seconds": round(time.perf_counter() - t0, 3),
+            "train_seconds": round(train_seconds, 3),  # the epoch without its validation pass
             "branch": branch,
             "run": run,
         }

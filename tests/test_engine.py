@@ -188,3 +188,9 @@ def test_synthetic_features_are_hierarchical(tmp_path: Path) -> None:
     store = write_synthetic_store(tmp_path / "s", tax, 1000, 8, seed=3, chunk=300)
     assert store.valid.all() and store.features().shape == (1000, 8) and store.meta["complete"]
     assert (store.leaf.reshape(-1, 2)[:, 0] == store.leaf.reshape(-1, 2)[:, 1]).all()
+    weights = np.zeros(36)
+    weights[[4, 30]] = [1.0, 3.0]
+    store = write_synthetic_store(tmp_path / "w", tax, 400, 8, leaf_weights=weights, leaf_scale=0.0)
+    assert set(store.leaf.tolist()) == {4, 30} and 0.6 < (store.leaf == 30).mean() < 0.9
+    with pytest.raises(ValueError, match="leaf_weights"):
+        write_synthetic_store(tmp_path / "bad", tax, 10, 8, leaf_weights=np.ones(3))
