@@ -289,7 +289,8 @@ def markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
 
 
 def _settings_text(settings: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None and not isinstance(v, dict)) or "–"
+    shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in settings.items()}
+    return ", ".join(f"{k}={v}" for k, v in shown.items() if v is not None and not isinstance(v, dict)) or "–"
 
 
 def _per_branch_markdown(report: Mapping[str, Any]) -> str:
