@@ -21,14 +21,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from hierclass.checkpoint import read_meta
 from hierclass.engine import TrainConfig, train_head
 from hierclass.features import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, extract_features
 from hierclass.featurestore import FeatureStore, write_json_atomic
 from hierclass.inference import FlatClassifier, FusedClassifier, HierarchicalClassifier
-from hierclass.report import evaluate, write_report
+from hierclass.report import calibrate, evaluate, write_report
 from hierclass.taxonomy import Taxonomy
 
 KINDS = ("router", "experts", "flat")
@@ -52,7 +50,6 @@ class PipelineConfig:
     )  # ... with overrides, e.g. {"experts": {"hidden": 256}}
     combine: str = "soft"  # hierarchical inference: "soft", "topk" or "hard"
     fuse: bool = True  # also report flat x two-stage fusion, its weight fitted on validation
-    max_calibration_images: int = 50_000  # validation rows used to fit temperatures and the fusion weight
 
     def train_config(self, kind: str) -> TrainConfig:
         return replace(self.train, **self.per_kind.get(kind, {}))
@@ -141,11 +138,10 @@ def run_pipeline(
             "hierarchical": HierarchicalClassifier.from_run(run, tax, combine=config.combine),
         }
         if config.fuse:
-            x, leaf = calibration_set(stores["val"], config.max_calibration_images)
-            flat = FlatClassifier.from_run(run, tax).calibrate(x, leaf)
-            hier = HierarchicalClassifier.from_run(run, tax, combine=config.combine).calibrate(x, leaf)
+            hier = HierarchicalClassifier.from_run(run, tax, combine=config.combine)
             models["hierarchical_calibrated"] = hier
-            models["fused"] = FusedClassifier(flat, hier).fit_alpha(x, leaf)
+            models["fused"] = FusedClassifier(FlatClassifier.from_run(run, tax), hier)
+            calibrate({k: models[k] for k in ("hierarchical_calibrated", "fused")}, stores["val"])
         meta = {"pipeline": pipeline_meta(config, run), **(report_meta or {})}
         return evaluate(models, stores["val"], tta=config.tta, meta=meta)
 
@@ -154,14 +150,6 @@ def run_pipeline(
     md = write_report(report, work / "report")
     write_json_atomic(work / "timings.json", timings)
     return PipelineResult(report, md, timings, work)
-
-
-def calibration_set(store: FeatureStore, limit: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Labelled valid rows of ``store`` (at most ``limit``, drawn at random) as float32 features and leaves."""
-    rows = np.flatnonzero(store.valid & (store.leaf >= 0))
-    if len(rows) > limit:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
-    return np.asarray(store.features()[rows], dtype=np.float32), store.leaf[rows]
 
 
 def pipeline_meta(config: PipelineConfig, run: Path) -> dict[str, Any]:
