@@ -180,10 +180,13 @@ def test_documents_without_images_are_skipped_and_counted(tmp_path: Path) -> Non
     [
         ({"imgs": [{"picture": b"x"}]}, "no _id"),
         ({"_id": "abc", "imgs": [{"picture": b"x"}]}, "_id is a string"),
-        ({"_id": 1, "imgs": [{"picture": b"x"}], "category_id": 1.5}, "category_id is a double"),
+        ({"_id": 1, "imgs": [{"picture": b"x"}], "category_id": 1.5}, "category_id is a double (1.5), not an integer"),
+        ({"_id": 1, "imgs": [{"picture": b"x"}], "category_id": True}, "category_id is a bool, not an integer"),
         ({"_id": 1, "imgs": {"picture": b"x"}}, "imgs is a document"),
         ({"_id": 1, "imgs": [b"x"]}, "imgs[0] is a binary"),
         ({"_id": 1, "imgs": [{"pic": b"x"}]}, "no binary 'picture'"),
+        ({"_id": 1, "imgs": [{"picture": "x"}]}, "imgs[0] has no binary 'picture'"),  # a string, not binary
+        ({"_id": 1, "imgs": [{"picture": b"x"}, 7]}, "imgs[1] is a type 0x10, not a document"),
     ],
 )
 def test_malformed_documents_are_skipped_and_counted(tmp_path: Path, doc: dict, found: str) -> None:
@@ -227,3 +230,49 @@ def test_picture_bytes_that_look_like_a_document_start(tmp_path: Path) -> None:
     docs = [_doc(1), bson.encode({"_id": 2, "imgs": [{"picture": fake}, {"picture": fake}], "category_id": 3}), _doc(4)]
     index = scan_dump(_dump(tmp_path, *docs), progress=False)
     assert index.report.ok and index.product_id.tolist() == [1, 2, 4] and index.n_images.tolist() == [1, 2, 1]
+
+
+def test_integral_double_ids_are_integers(tmp_path: Path) -> None:
+    """Some exporters write ids as doubles; an integral one is read as the integer it holds."""
+    doc = bson.encode({"_id": 7.0, "imgs": [{"picture": b"\xff\xd8x"}], "category_id": 1000010653.0})
+    index = scan_dump(_dump(tmp_path, doc), progress=False)
+    assert index.report.ok and index.product_id.tolist() == [7] and index.category_id.tolist() == [1000010653]
+
+
+def test_field_running_past_its_document(tmp_path: Path) -> None:
+    broken = bytearray(_doc(2))
+    imgs = broken.index(b"\x04imgs\x00") + 6
+    broken[imgs : imgs + 4] = (10**6).to_bytes(4, "little")  # the imgs array claims 1 MB
+    index = scan_dump(_dump(tmp_path, _doc(1), bytes(broken), _doc(3)), progress=False)
+    assert index.product_id.tolist() == [1, 3]
+    assert "field b'imgs' of 1000000 bytes runs past its document" in index.report.first_malformed_reason
+
+
+def test_random_damage_never_crashes_and_keeps_the_frame_chain(tmp_path: Path) -> None:
+    """The compiled scanner does no bounds checks of its own: flip, cut and overwrite bytes at random
+    and check that it still stops cleanly, that the rows chain, and that every document it keeps is
+    the product bson reads there."""
+    rng = np.random.default_rng(0)
+    clean = b"".join(
+        [_doc(k, 10 + k, 1 + k % 3, first="imgs" if k % 2 else "category_id") for k in range(1, 9)]
+        + [bson.encode({"_id": 99, "x": {"y": [1.5, "z", None, True]}, "imgs": [{"a": 1, "picture": b"p"}]})]
+    )
+    for trial in range(300):
+        data = bytearray(clean)
+        for _ in range(int(rng.integers(1, 4))):
+            at = int(rng.integers(0, len(data)))
+            data[at] = int(rng.integers(0, 256)) if rng.random() < 0.7 else rng.choice([0, 1, 3, 4, 5, 0x7F, 0xFF])
+        if trial % 5 == 0:
+            data = data[: int(rng.integers(0, len(data)))]
+        dump = _dump(tmp_path, bytes(data), name=f"f{trial}.bson")
+        index = scan_dump(dump, progress=False)
+        r = index.report
+        assert r.indexed_bytes + r.unindexed_bytes == len(data)
+        ends = index.offset + index.length
+        assert np.all(ends <= r.indexed_bytes) and np.all(index.offset[1:] >= ends[:-1])
+        for off, length, pid, n in zip(index.offset, index.length, index.product_id, index.n_images, strict=True):
+            try:
+                doc = bson.decode(bytes(data[off : off + length]))
+            except Exception:  # bson is stricter (UTF-8 of names, picture internals): nothing to compare
+                continue
+            assert doc["_id"] == pid and len(doc["imgs"]) == n

@@ -5,7 +5,9 @@ A dump is a file of concatenated BSON documents
 ``category_id``). :func:`scan_dump` walks it once, reading each document's 4-byte length
 prefix and the headers of its elements, and skips the picture payloads by their length, so
 the work is per document, not per byte. The file is memory-mapped: the kernel reads ahead
-and the picture bytes are never copied into Python.
+and the picture bytes are never copied into Python. The loop is compiled with numba (cached
+on disk after the first use), so it keeps up with a sequential read of the file: ~3 GB/s of
+2.4 KB documents on one core, where a Python loop managed ~0.5 GB/s.
 
 The result, a :class:`BsonIndex` (offset, length, product_id, category_id, n_images per
 product), is saved as ``<dump>.idx.npz`` beside the dump (or in a cache directory when the
@@ -16,7 +18,8 @@ Bad input loses nothing silently. A document whose frame is broken (length prefi
 BSON minimum of 5 bytes, running past the end of the file, missing its final 0 byte) stops
 the pass: every good product before it is kept and the report says where and how many
 bytes were not indexed. A well-framed document without images, or with malformed fields,
-is skipped and counted. ``strict=True`` raises :class:`~hierclass.errors.DumpError` instead.
+is skipped and counted. ``_id`` and ``category_id`` may be int32, int64 or a double holding
+an integer (some exporters write those). ``strict=True`` raises :class:`~hierclass.errors.DumpError` instead.
 """
 
 from __future__ import annotations
@@ -28,34 +31,25 @@ import mmap
 import os
 import struct
 import tempfile
-from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from numba import njit
 from tqdm import tqdm
 
 from hierclass.errors import DumpError
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 """Bumped whenever the index file layout or the scanner's rules change; old files are rebuilt."""
 
 MIN_DOC = 5
 """The smallest BSON document: a 4-byte length and the final 0 byte."""
 
-_I32 = struct.Struct("<i")
-_I64 = struct.Struct("<q")
-_ID, _CAT, _IMGS = b"\x10_id\x00", b"\x10category_id\x00", b"\x04imgs\x00"
-_PICTURE = b"\x05picture\x00"
+_F64 = struct.Struct("<d")
 
-# Byte size of BSON values whose size does not depend on their content, by type byte.
-_FIXED = {0x01: 8, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 8, 0x12: 8, 0x13: 16, 0x7F: 0, 0xFF: 0}
 _TYPE_NAMES = {0x01: "double", 0x02: "string", 0x03: "document", 0x04: "array", 0x05: "binary", 0x08: "bool"}
-
-
-class _Malformed(Exception):
-    """A well-framed document whose content is not a product; it is skipped and counted."""
 
 
 @dataclass
@@ -154,152 +148,301 @@ class BsonIndex:
 
 
 # ---------------------------------------------------------------------- scanning
-def _value_size(mm: mmap.mmap, t: int, v: int, end: int) -> int:
-    """The byte size of a BSON value of type ``t`` starting at ``v``."""
-    size = _FIXED.get(t)
-    if size is not None:
-        return size
-    if t in (0x02, 0x0D, 0x0E):  # string, JavaScript code, symbol: int32 length + bytes
-        return 4 + _I32.unpack_from(mm, v)[0]
-    if t in (0x03, 0x04, 0x0F):  # document, array, code with scope: int32 total length
-        return _I32.unpack_from(mm, v)[0]
-    if t == 0x05:  # binary: int32 length, subtype byte, bytes
-        return 5 + _I32.unpack_from(mm, v)[0]
-    if t == 0x0B:  # regex: two C strings
-        a = mm.find(b"\x00", v, end)
-        b = mm.find(b"\x00", a + 1, end) if a >= 0 else -1
-        if b < 0:
-            raise _Malformed(f"unterminated regex at byte {v}")
-        return b + 1 - v
-    if t == 0x0C:  # DBPointer: string + 12-byte ObjectId
-        return 16 + _I32.unpack_from(mm, v)[0]
-    raise _Malformed(f"unknown BSON element type 0x{t:02x} at byte {v}")
+# The pass is one compiled loop (numba) over the memory-mapped bytes: follow the length
+# prefixes from document to document, walk each document's element headers, skip values by
+# their length. It reports what it found as small integer codes; Python turns the first bad
+# frame and the first malformed document into messages (:func:`_stop_reason`, :func:`_malformed_reason`).
+_ROWS = 1 << 16  # products per call of the compiled loop (bounded memory between progress updates)
+_WINDOW = 1 << 26  # bytes per call of the compiled loop, at most
+
+# Why the pass stopped (a broken frame), with one value: what the length prefix said, or the bytes left.
+_STOP_NONE, _STOP_STUB, _STOP_BELOW_MIN, _STOP_PAST_EOF, _STOP_NO_FINAL_ZERO = 0, 1, 2, 3, 4
+
+# What a well-framed document is, with up to three values (a, b, c) locating the problem.
+_DOC_OK = 0
+_DOC_NO_IMAGES = 1
+_BAD_NO_ID = 2  # -
+_BAD_NOT_INTEGER = 3  # a: 0 _id / 1 category_id, b: type
+_BAD_FRACTIONAL = 4  # a: 0 _id / 1 category_id, b: byte offset of the double
+_BAD_IMGS_NOT_ARRAY = 5  # b: type
+_BAD_IMAGE_NOT_DOCUMENT = 6  # a: image number, b: type
+_BAD_IMAGE_LENGTH = 7  # a: image number
+_BAD_IMAGE_NO_PICTURE = 8  # a: image number
+_BAD_UNKNOWN_TYPE = 9  # a: byte offset of the value, b: type
+_BAD_UNTERMINATED_NAME = 10  # a: byte offset of the element
+_BAD_FIELD_PAST_END = 11  # a, b: the field name's bytes [a, b), c: the value's size (-1: not even its length fits)
+_BAD_UNTERMINATED_REGEX = 12  # a: byte offset of the value
+_BAD_OVERRUN = 13  # -
+
+_NAME_ID = np.frombuffer(b"_id", np.uint8)
+_NAME_CATEGORY = np.frombuffer(b"category_id", np.uint8)
+_NAME_IMGS = np.frombuffer(b"imgs", np.uint8)
+_NAME_PICTURE = np.frombuffer(b"picture", np.uint8)
+_PICTURE_HEADER = np.frombuffer(b"\x05picture\x00", np.uint8)
 
 
-def _elements(mm: mmap.mmap, start: int, end: int):
-    """Yield ``(type, name, value_start, value_size)`` of the document ``mm[start:end]``."""
-    pos = start + 4
+@njit(cache=True, nogil=True)
+def _i32(u8: np.ndarray, p: int) -> int:
+    v = np.int64(u8[p]) | (np.int64(u8[p + 1]) << 8) | (np.int64(u8[p + 2]) << 16) | (np.int64(u8[p + 3]) << 24)
+    return v - (np.int64(1) << 32) if v >= (np.int64(1) << 31) else v
+
+
+@njit(cache=True, nogil=True)
+def _u64(u8: np.ndarray, p: int) -> np.uint64:
+    bits = np.uint64(0)
+    for k in range(8):
+        bits |= np.uint64(u8[p + k]) << np.uint64(8 * k)
+    return bits
+
+
+@njit(cache=True, nogil=True)
+def _same(u8: np.ndarray, start: int, stop: int, name: np.ndarray) -> bool:
+    if stop - start != len(name):
+        return False
+    for k in range(len(name)):  # noqa: SIM110 (numba compiles loops, not generators)
+        if u8[start + k] != name[k]:
+            return False
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _fixed_size(t: int) -> int:
+    """The byte size of BSON values whose size does not depend on their content; -1 for the others."""
+    if t == 0x01 or t == 0x09 or t == 0x11 or t == 0x12:  # double, datetime, timestamp, int64
+        return 8
+    if t == 0x07:  # ObjectId
+        return 12
+    if t == 0x08:  # bool
+        return 1
+    if t == 0x10:  # int32
+        return 4
+    if t == 0x13:  # decimal128
+        return 16
+    if t == 0x0A or t == 0x7F or t == 0xFF:  # null, max key, min key
+        return 0
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def _element(u8: np.ndarray, pos: int, end: int) -> tuple[int, int, int, int, int, int, int, int]:
+    """The element at ``pos`` of the document ending at ``end``:
+    ``(type, name_end, value_start, value_size, error, a, b, c)``; ``error`` is 0 or a ``_BAD_*`` code."""
     last = end - 1
+    t = np.int64(u8[pos])
+    ne = pos + 1
+    while ne < last and u8[ne] != 0:
+        ne += 1
+    if ne >= last:
+        return t, ne, 0, 0, _BAD_UNTERMINATED_NAME, pos, 0, 0
+    v = ne + 1
+    size = _fixed_size(t)
+    if size < 0:
+        if v + 4 > end:
+            return t, ne, v, 0, _BAD_FIELD_PAST_END, pos + 1, ne, -1
+        if t == 0x02 or t == 0x0D or t == 0x0E:  # string, JavaScript code, symbol: int32 length + bytes
+            size = 4 + _i32(u8, v)
+        elif t == 0x03 or t == 0x04 or t == 0x0F:  # document, array, code with scope: int32 total length
+            size = _i32(u8, v)
+        elif t == 0x05:  # binary: int32 length, subtype byte, bytes
+            size = 5 + _i32(u8, v)
+        elif t == 0x0B:  # regex: two C strings
+            a = v
+            while a < end and u8[a] != 0:
+                a += 1
+            b = a + 1
+            while b < end and u8[b] != 0:
+                b += 1
+            if a >= end or b >= end:
+                return t, ne, v, 0, _BAD_UNTERMINATED_REGEX, v, 0, 0
+            size = b + 1 - v
+        elif t == 0x0C:  # DBPointer: string + 12-byte ObjectId
+            size = 16 + _i32(u8, v)
+        else:
+            return t, ne, v, 0, _BAD_UNKNOWN_TYPE, v, t, 0
+    if size < 0 or v + size > last:
+        return t, ne, v, size, _BAD_FIELD_PAST_END, pos + 1, ne, size
+    return t, ne, v, size, 0, 0, 0, 0
+
+
+@njit(cache=True, nogil=True)
+def _integer(u8: np.ndarray, t: int, v: int) -> tuple[int, int]:
+    """``(0, value)`` of an int32, int64 or integral double; else ``(_BAD_*, b)``."""
+    if t == 0x10:
+        return 0, _i32(u8, v)
+    if t == 0x12:
+        return 0, np.int64(_u64(u8, v))
+    if t == 0x01:  # some exporters write ids as doubles; take them when they hold an integer
+        x = np.array([_u64(u8, v)]).view(np.float64)[0]
+        if x == np.floor(x) and abs(x) < 2.0**53:
+            return 0, np.int64(x)
+        return _BAD_FRACTIONAL, v
+    return _BAD_NOT_INTEGER, t
+
+
+@njit(cache=True, nogil=True)
+def _has_picture(u8: np.ndarray, start: int, end: int) -> tuple[int, int, int, int, int]:
+    """Whether the image document ``u8[start:end]`` has a binary ``picture``: ``(found, error, a, b, c)``.
+
+    The elements are walked until the picture is found (later ones are not checked)."""
+    if end - start >= 13 and _same(u8, start + 4, start + 13, _PICTURE_HEADER):
+        return 1, 0, 0, 0, 0  # the usual layout: picture first
+    pos, last = start + 4, end - 1
     while pos < last:
-        t = mm[pos]
-        ne = mm.find(b"\x00", pos + 1, last)
-        if ne < 0:
-            raise _Malformed(f"unterminated field name at byte {pos}")
-        v = ne + 1
-        if v + 4 > end and t not in _FIXED:
-            raise _Malformed(f"field {mm[pos + 1 : ne]!r} runs past its document")
-        size = _value_size(mm, t, v, end)
-        if size < 0 or v + size > last:
-            raise _Malformed(f"field {mm[pos + 1 : ne]!r} of {size} bytes runs past its document")
-        yield t, mm[pos + 1 : ne], v, size
+        t, ne, v, size, err, a, b, c = _element(u8, pos, end)
+        if err:
+            return 0, err, a, b, c
+        if t == 0x05 and _same(u8, pos + 1, ne, _NAME_PICTURE):
+            return 1, 0, 0, 0, 0
         pos = v + size
     if pos != last:
-        raise _Malformed("fields overrun the document's end")
+        return 0, _BAD_OVERRUN, 0, 0, 0
+    return 0, 0, 0, 0, 0
 
 
-def _count_images(mm: mmap.mmap, start: int, end: int) -> int:
-    """The number of ``{picture: <binary>}`` entries of the ``imgs`` array ``mm[start:end]``."""
-    n = 0
-    for t, _, v, size in _elements(mm, start, end):
-        if t != 0x03:
-            raise _Malformed(f"imgs[{n}] is a {_TYPE_NAMES.get(t, f'type 0x{t:02x}')}, not a document")
-        if size < MIN_DOC or _I32.unpack_from(mm, v)[0] != size or mm[v + size - 1] != 0:
-            raise _Malformed(f"imgs[{n}] has a bad length")
-        if mm[v + 4 : v + 13] != _PICTURE and not any(
-            t2 == 0x05 and name == b"picture" for t2, name, _, _ in _elements(mm, v, v + size)
-        ):
-            raise _Malformed(f"imgs[{n}] has no binary 'picture' field")
-        n += 1
-    return n
-
-
-def _integer(mm: mmap.mmap, t: int, v: int, name: str) -> int:
-    if t == 0x10:
-        return _I32.unpack_from(mm, v)[0]
-    if t == 0x12:
-        return _I64.unpack_from(mm, v)[0]
-    raise _Malformed(f"{name} is a {_TYPE_NAMES.get(t, f'type 0x{t:02x}')}, not an integer")
-
-
-def _parse_generic(mm: mmap.mmap, off: int, end: int) -> tuple[int | None, int, int]:
-    """``(product_id, category_id, n_images)`` of any well-framed document, field order free."""
-    pid: int | None = None
-    cid = -1
-    n = 0
-    for t, name, v, size in _elements(mm, off, end):
-        if name == b"_id":
-            pid = _integer(mm, t, v, "_id")
-        elif name == b"category_id":
-            cid = _integer(mm, t, v, "category_id")
-        elif name == b"imgs":
+@njit(cache=True, nogil=True)
+def _parse_document(u8: np.ndarray, off: int, end: int) -> tuple[int, int, int, int, int, int, int]:
+    """``(code, product_id, category_id, n_images, a, b, c)`` of the well-framed document ``u8[off:end]``;
+    ``code`` is ``_DOC_OK``, ``_DOC_NO_IMAGES`` or a ``_BAD_*`` code with its values a, b, c."""
+    pid, cid, n, has_id = np.int64(0), np.int64(-1), np.int64(0), False
+    pos, last = off + 4, end - 1
+    while pos < last:
+        t, ne, v, size, err, a, b, c = _element(u8, pos, end)
+        if err:
+            return err, 0, 0, 0, a, b, c
+        if _same(u8, pos + 1, ne, _NAME_ID):
+            err, value = _integer(u8, t, v)
+            if err:
+                return err, 0, 0, 0, 0, value, 0
+            pid, has_id = value, True
+        elif _same(u8, pos + 1, ne, _NAME_CATEGORY):
+            err, value = _integer(u8, t, v)
+            if err:
+                return err, 0, 0, 0, 1, value, 0
+            cid = value
+        elif _same(u8, pos + 1, ne, _NAME_IMGS):
             if t != 0x04:
-                raise _Malformed(f"imgs is a {_TYPE_NAMES.get(t, f'type 0x{t:02x}')}, not an array")
-            n = _count_images(mm, v, v + size)
-    return pid, cid, n
+                return _BAD_IMGS_NOT_ARRAY, 0, 0, 0, 0, t, 0
+            # Count the {picture: <binary>} documents of the array.
+            n = 0
+            p, array_last = v + 4, v + size - 1
+            while p < array_last:
+                t2, ne2, v2, size2, err, a, b, c = _element(u8, p, v + size)
+                if err:
+                    return err, 0, 0, 0, a, b, c
+                if t2 != 0x03:
+                    return _BAD_IMAGE_NOT_DOCUMENT, 0, 0, 0, n, t2, 0
+                if size2 < MIN_DOC or _i32(u8, v2) != size2 or u8[v2 + size2 - 1] != 0:
+                    return _BAD_IMAGE_LENGTH, 0, 0, 0, n, 0, 0
+                found, err, a, b, c = _has_picture(u8, v2, v2 + size2)
+                if err:
+                    return err, 0, 0, 0, a, b, c
+                if not found:
+                    return _BAD_IMAGE_NO_PICTURE, 0, 0, 0, n, 0, 0
+                n += 1
+                p = v2 + size2
+            if p != array_last:
+                return _BAD_OVERRUN, 0, 0, 0, 0, 0, 0
+        pos = v + size
+    if pos != last:
+        return _BAD_OVERRUN, 0, 0, 0, 0, 0, 0
+    if not has_id:
+        return _BAD_NO_ID, 0, 0, 0, 0, 0, 0
+    if n == 0:
+        return _DOC_NO_IMAGES, pid, cid, 0, 0, 0, 0
+    return _DOC_OK, pid, cid, n, 0, 0, 0
 
 
-# ---------------------------------------------------------------------- vectorised parsing
-_WINDOW = 1 << 26  # bytes of documents framed, then parsed with numpy, per step
+@njit(cache=True, nogil=True)
+def _scan_block(u8: np.ndarray, off: int, max_bytes: int, rows: np.ndarray, skipped: np.ndarray) -> tuple:
+    """Frame and parse the documents from byte ``off`` on, until ``max_bytes`` are passed, ``rows`` is
+    full, the file ends or a frame is broken.
 
-
-def _at(u8: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    return u8[np.clip(idx, 0, len(u8) - 1)].astype(np.int64)  # garbage lengths point anywhere
-
-
-def _i32_at(u8: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    v = _at(u8, idx) | (_at(u8, idx + 1) << 8) | (_at(u8, idx + 2) << 16) | (_at(u8, idx + 3) << 24)
-    return np.where(v >= 1 << 31, v - (1 << 32), v)
-
-
-def _matches(u8: np.ndarray, idx: np.ndarray, pattern: bytes) -> np.ndarray:
-    ok = np.ones(len(idx), dtype=bool)
-    for k, byte in enumerate(pattern):
-        ok &= _at(u8, idx + k) == byte
-    return ok
-
-
-def _parse_regular(u8: np.ndarray, o: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Parse, with numpy, the well-framed documents ``u8[o:end]`` that are laid out regularly.
-
-    Regular means as Cdiscount writes them (``_id, imgs[, category_id]``) or with
-    ``_id, category_id, imgs``, int32 ids and 1 to 10 ``{picture: <binary>}`` images.
+    Args:
+        u8: the whole dump.
+        off: where a document starts.
+        max_bytes: stop at the first document boundary past ``off + max_bytes``.
+        rows: ``[cap, 5]`` int64, filled with (offset, length, product_id, category_id, n_images).
+        skipped: int64 ``[8]``, updated: documents without images, the first one's offset,
+            malformed documents, the first one's offset, then its code and values a, b, c.
 
     Returns:
-        ``(rows [n, 5] int64: offset, length, product_id, category_id, n_images; ok [n])``;
-        the rows where ``ok`` is False are left to the per-document walker.
+        ``(rows filled, offset reached, _STOP_* code, its value)``.
     """
-    ok = (end - o >= 42) & _matches(u8, o + 4, _ID)
-    pid = _i32_at(u8, o + 9)
-    # Layout A (Cdiscount): _id, imgs, then category_id or nothing.
-    is_a = _matches(u8, o + 13, _IMGS)
-    a_end_a = o + 19 + _i32_at(u8, o + 19)
-    with_cat = (end - a_end_a == 18) & _matches(u8, a_end_a, _CAT)
-    ok_a = is_a & (with_cat | (end - a_end_a == 1))
-    # Layout B: _id, category_id, imgs.
-    a_end_b = o + 36 + _i32_at(u8, o + 36)
-    ok_b = ~is_a & _matches(u8, o + 13, _CAT) & _matches(u8, o + 30, _IMGS) & (a_end_b == end - 1)
-    ok &= ok_a | ok_b
-    a = np.where(is_a, o + 19, o + 36)
-    a_end = np.where(is_a, a_end_a, a_end_b)
-    cid = np.where(is_a, np.where(with_cat, _i32_at(u8, a_end_a + 13), -1), _i32_at(u8, o + 26))
-    ok &= (a_end - a > 5) & (a_end < end)
-    # Walk the images of every document at once, one image number per step.
-    p = a + 4
-    n = np.zeros(len(o), np.int64)
-    active = ok.copy()
-    for j in range(10):
-        active &= p < a_end - 1
-        if not active.any():
-            break
-        sub = _i32_at(u8, p + 3)
-        good = (_at(u8, p) == 3) & (_at(u8, p + 1) == 48 + j) & (_at(u8, p + 2) == 0) & (sub >= 19)
-        good &= _matches(u8, p + 7, _PICTURE)
-        ok &= ~active | good
-        active &= good
-        p = np.where(active, p + 3 + sub, p)
-        n += active
-    ok &= (p == a_end - 1) & (_at(u8, a_end - 1) == 0) & (n >= 1)
-    return np.stack([o, end - o, pid, cid, n], axis=1), ok
+    size = len(u8)
+    limit = min(off + max_bytes, size)
+    n = 0
+    while off < limit and n < len(rows):
+        left = size - off
+        if left < 4:
+            return n, off, _STOP_STUB, left
+        n_bytes = _i32(u8, off)
+        if n_bytes < MIN_DOC:
+            return n, off, _STOP_BELOW_MIN, n_bytes
+        if n_bytes > left:
+            return n, off, _STOP_PAST_EOF, n_bytes
+        end = off + n_bytes
+        if u8[end - 1] != 0:
+            return n, off, _STOP_NO_FINAL_ZERO, n_bytes
+        code, pid, cid, k, a, b, c = _parse_document(u8, off, end)
+        if code == _DOC_OK:
+            rows[n, 0], rows[n, 1], rows[n, 2], rows[n, 3], rows[n, 4] = off, n_bytes, pid, cid, k
+            n += 1
+        elif code == _DOC_NO_IMAGES:
+            skipped[0] += 1
+            if skipped[1] < 0:
+                skipped[1] = off
+        else:
+            skipped[2] += 1
+            if skipped[3] < 0:
+                skipped[3], skipped[4], skipped[5], skipped[6], skipped[7] = off, code, a, b, c
+        off = end
+    return n, off, _STOP_NONE, 0
+
+
+def _type_name(t: int) -> str:
+    return _TYPE_NAMES.get(t, f"type 0x{t:02x}")
+
+
+def _stop_reason(code: int, value: int, left: int) -> str:
+    """The message for a broken frame found ``left`` bytes before the end of the file."""
+    if code == _STOP_STUB:
+        return f"truncated document: {value} byte(s) left, fewer than a 4-byte length prefix"
+    if code == _STOP_BELOW_MIN:
+        return f"length prefix {value} is below the BSON minimum of {MIN_DOC}"
+    if code == _STOP_PAST_EOF:
+        return f"truncated document: its length prefix says {value} bytes but only {left} remain in the file"
+    return f"document of {value} bytes does not end with a 0 byte (bad length prefix)"
+
+
+def _malformed_reason(mm: mmap.mmap, code: int, a: int, b: int, c: int) -> str:
+    """What is wrong with a malformed document, from :func:`_parse_document`'s code and values."""
+    field_name = ("_id", "category_id")[a] if code in (_BAD_NOT_INTEGER, _BAD_FRACTIONAL) else ""
+    if code == _BAD_NO_ID:
+        return "no _id field"
+    if code == _BAD_NOT_INTEGER:
+        return f"{field_name} is a {_type_name(b)}, not an integer"
+    if code == _BAD_FRACTIONAL:
+        return f"{field_name} is a double ({_F64.unpack_from(mm, b)[0]!r}), not an integer"
+    if code == _BAD_IMGS_NOT_ARRAY:
+        return f"imgs is a {_type_name(b)}, not an array"
+    if code == _BAD_IMAGE_NOT_DOCUMENT:
+        return f"imgs[{a}] is a {_type_name(b)}, not a document"
+    if code == _BAD_IMAGE_LENGTH:
+        return f"imgs[{a}] has a bad length"
+    if code == _BAD_IMAGE_NO_PICTURE:
+        return f"imgs[{a}] has no binary 'picture' field"
+    if code == _BAD_UNKNOWN_TYPE:
+        return f"unknown BSON element type 0x{b:02x} at byte {a}"
+    if code == _BAD_UNTERMINATED_NAME:
+        return f"unterminated field name at byte {a}"
+    if code == _BAD_FIELD_PAST_END:
+        name = mm[a:b]
+        if c < 0:
+            return f"field {name!r} runs past its document"
+        return f"field {name!r} of {c} bytes runs past its document"
+    if code == _BAD_UNTERMINATED_REGEX:
+        return f"unterminated regex at byte {a}"
+    return "fields overrun the document's end"
 
 
 def scan_dump(path: str | Path, *, progress: bool = True) -> BsonIndex:
@@ -336,67 +479,25 @@ def scan_dump(path: str | Path, *, progress: bool = True) -> BsonIndex:
 
 
 def _scan(path: Path, mm: mmap.mmap, size: int, bar: tqdm) -> BsonIndex:
-    i32 = _I32.unpack_from
     u8 = np.frombuffer(mm, dtype=np.uint8)
+    rows = np.empty((_ROWS, 5), np.int64)
+    skipped = np.array([0, -1, 0, -1, 0, 0, 0, 0], np.int64)
     chunks: list[np.ndarray] = []
-    skipped: Counter[str] = Counter()
-    firsts: list = [None, None]  # first no-images offset, (first malformed offset, reason)
-    off = 0
-    stop_reason = None
-    while off < size and stop_reason is None:
-        # 1. Frame a window of documents by their length prefixes (the only serial part).
-        starts = array("q")
-        append = starts.append
-        limit = min(off + _WINDOW, size)
-        while off < limit:
-            left = size - off
-            if left < 4:
-                stop_reason = f"truncated document: {left} byte(s) left, fewer than a 4-byte length prefix"
-                break
-            (n_bytes,) = i32(mm, off)
-            if n_bytes < MIN_DOC:
-                stop_reason = f"length prefix {n_bytes} is below the BSON minimum of {MIN_DOC}"
-                break
-            if n_bytes > left:
-                stop_reason = (
-                    f"truncated document: its length prefix says {n_bytes} bytes but only {left} remain in the file"
-                )
-                break
-            append(off)
-            off += n_bytes
-        o = np.frombuffer(starts, dtype=np.int64).copy() if len(starts) else np.zeros(0, np.int64)
-        end = np.append(o[1:], off)
-        # 2. A document must end with a 0 byte; the first that does not stops the pass there.
-        unterminated = np.flatnonzero(_at(u8, end - 1) != 0)
-        if len(unterminated):
-            bad = int(unterminated[0])
-            stop_reason = f"document of {int(end[bad] - o[bad])} bytes does not end with a 0 byte (bad length prefix)"
-            o, end, off = o[:bad], end[:bad], int(o[bad])
-        # 3. Parse the regular documents with numpy, the others one by one.
-        rows, ok = _parse_regular(u8, o, end)
-        for i in np.flatnonzero(~ok):
-            doc_off, doc_end = int(o[i]), int(end[i])
-            try:
-                pid, cid, n = _parse_generic(mm, doc_off, doc_end)
-                if pid is None:
-                    raise _Malformed("no _id field")
-            except (_Malformed, struct.error, IndexError) as e:
-                skipped["malformed"] += 1
-                if firsts[1] is None:
-                    firsts[1] = (doc_off, f"malformed document ({e})")
-                continue
-            if n == 0:
-                skipped["no_images"] += 1
-                if firsts[0] is None:
-                    firsts[0] = doc_off
-                continue
-            rows[i, 2:] = (pid, cid, n)
-            ok[i] = True
-        chunks.append(rows[ok])
+    off, stop, value = 0, _STOP_NONE, 0
+    while off < size and stop == _STOP_NONE:
+        n, off, stop, value = _scan_block(u8, off, _WINDOW, rows, skipped)
+        chunks.append(rows[:n].copy())
         bar.update(off - bar.n)
     del u8  # release the buffer before the mmap closes
     table = np.concatenate(chunks) if chunks else np.zeros((0, 5), np.int64)
-    return _finish(path, size, table, off, stop_reason, off if stop_reason else None, skipped, firsts)
+    stop_reason = _stop_reason(stop, value, size - off) if stop != _STOP_NONE else None
+    n_no_images, first_no_images, n_malformed, first_malformed, code, a, b, c = (int(x) for x in skipped)
+    counts = Counter(no_images=n_no_images, malformed=n_malformed)
+    firsts = [
+        first_no_images if n_no_images else None,
+        (first_malformed, f"malformed document ({_malformed_reason(mm, code, a, b, c)})") if n_malformed else None,
+    ]
+    return _finish(path, size, table, off, stop_reason, off if stop_reason else None, counts, firsts)
 
 
 def _finish(
