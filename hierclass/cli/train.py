@@ -5,6 +5,7 @@ One run directory holds an experiment's three heads: ``RUN/router``, ``RUN/exper
 
 from __future__ import annotations
 
+import inspect
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -75,71 +76,41 @@ def _train(
     typer.echo(f"saved {out_dir}")
 
 
-@command(name="train-router")
-def train_router(
-    train: FeaturesDir,
-    taxonomy: TaxonomyCsv,
-    run: RunDir,
-    val: ValDir = None,
-    epochs: Epochs = _defaults.epochs,
-    lr: Lr = _defaults.lr,
-    batch_size: BatchSize = _defaults.batch_size,
-    hidden: Hidden = _defaults.hidden,
-    dropout: Dropout = _defaults.dropout,
-    label_smoothing: Smoothing = _defaults.label_smoothing,
-    class_balance: Balance = _DEFAULT_BALANCE,
-    patience: Patience = _defaults.patience,
-    seed: Seed = _defaults.seed,
-    device: Device = _defaults.device,
-) -> None:
-    """Train the router (level-1 branches) into RUN/router."""
-    opts = dict(locals())
-    _train("router", opts.pop("train"), opts.pop("val"), opts.pop("taxonomy"), opts.pop("run"), None, **opts)
+def _train_command(kind: str, doc: str) -> None:
+    """Register ``hierclass train-KIND``; the three commands share every option but --branch (experts only)."""
+
+    def train_cmd(
+        train: FeaturesDir,
+        taxonomy: TaxonomyCsv,
+        run: RunDir,
+        val: ValDir = None,
+        branch: Annotated[
+            str | None, typer.Option(help="Retrain only this level-1 branch's expert inside RUN/experts.")
+        ] = None,
+        epochs: Epochs = _defaults.epochs,
+        lr: Lr = _defaults.lr,
+        batch_size: BatchSize = _defaults.batch_size,
+        hidden: Hidden = _defaults.hidden,
+        dropout: Dropout = _defaults.dropout,
+        label_smoothing: Smoothing = _defaults.label_smoothing,
+        class_balance: Balance = _DEFAULT_BALANCE,
+        patience: Patience = _defaults.patience,
+        seed: Seed = _defaults.seed,
+        device: Device = _defaults.device,
+    ) -> None:
+        opts = {k: v for k, v in locals().items() if k != "kind"}  # locals() holds the closure's kind too
+        head = [opts.pop(k) for k in ("train", "val", "taxonomy", "run", "branch")]
+        _train(kind, *head, **opts)
+
+    train_cmd.__doc__ = doc
+    train_cmd.__name__ = f"train_{kind}"
+    # typer reads this signature: hide --branch where it means nothing (eval_str: resolved annotations)
+    sig = inspect.signature(train_cmd, eval_str=True)
+    keep = [p for p in sig.parameters.values() if kind == "experts" or p.name != "branch"]
+    train_cmd.__signature__ = sig.replace(parameters=keep)  # type: ignore[attr-defined]
+    command(name=f"train-{kind}")(train_cmd)
 
 
-@command(name="train-experts")
-def train_experts(
-    train: FeaturesDir,
-    taxonomy: TaxonomyCsv,
-    run: RunDir,
-    val: ValDir = None,
-    branch: Annotated[
-        str | None, typer.Option(help="Retrain only this level-1 branch's expert inside RUN/experts.")
-    ] = None,
-    epochs: Epochs = _defaults.epochs,
-    lr: Lr = _defaults.lr,
-    batch_size: BatchSize = _defaults.batch_size,
-    hidden: Hidden = _defaults.hidden,
-    dropout: Dropout = _defaults.dropout,
-    label_smoothing: Smoothing = _defaults.label_smoothing,
-    class_balance: Balance = _DEFAULT_BALANCE,
-    patience: Patience = _defaults.patience,
-    seed: Seed = _defaults.seed,
-    device: Device = _defaults.device,
-) -> None:
-    """Train the experts (one per branch, packed) into RUN/experts, or one expert with --branch."""
-    opts = dict(locals())
-    b = opts.pop("branch")
-    _train("experts", opts.pop("train"), opts.pop("val"), opts.pop("taxonomy"), opts.pop("run"), b, **opts)
-
-
-@command(name="train-flat")
-def train_flat(
-    train: FeaturesDir,
-    taxonomy: TaxonomyCsv,
-    run: RunDir,
-    val: ValDir = None,
-    epochs: Epochs = _defaults.epochs,
-    lr: Lr = _defaults.lr,
-    batch_size: BatchSize = _defaults.batch_size,
-    hidden: Hidden = _defaults.hidden,
-    dropout: Dropout = _defaults.dropout,
-    label_smoothing: Smoothing = _defaults.label_smoothing,
-    class_balance: Balance = _DEFAULT_BALANCE,
-    patience: Patience = _defaults.patience,
-    seed: Seed = _defaults.seed,
-    device: Device = _defaults.device,
-) -> None:
-    """Train the flat baseline (all leaves) into RUN/flat."""
-    opts = dict(locals())
-    _train("flat", opts.pop("train"), opts.pop("val"), opts.pop("taxonomy"), opts.pop("run"), None, **opts)
+_train_command("router", "Train the router (level-1 branches) into RUN/router.")
+_train_command("experts", "Train the experts (one per branch, packed) into RUN/experts, or one expert with --branch.")
+_train_command("flat", "Train the flat baseline (all leaves) into RUN/flat.")
