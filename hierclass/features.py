@@ -9,6 +9,8 @@ computes features of an in-memory batch, for prediction code that must match the
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,13 +23,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from hierclass.data import ImageDataset, collate_images, image_rows, open_source, resolve_transform
+from hierclass.data import EvalTransform, ImageDataset, collate_images, image_rows, open_source, resolve_transform
 from hierclass.featurestore import BAD, OK, FeatureStore, FeatureStoreError
 from hierclass.models.backbone import LITE0_MODEL, create_backbone, data_config, source_fingerprint
 from hierclass.onnx_runtime import OnnxBackbone, export_onnx, stamp_of
 from hierclass.taxonomy import Taxonomy
 
 ONNX_FILE = "backbone.onnx"
+LOCK_FILE = ".extract.lock"  # flock()ed by the one extract_features call writing the folder
 DEFAULT_BACKBONE = LITE0_MODEL
 DEFAULT_PRETRAINED = "efficientnet-lite0"
 SETTINGS = (  # what must be equal for a feature folder to be resumed (or reused as it is)
@@ -62,10 +65,13 @@ class FeatureExtractor:
         image_size: square input size instead of the model's native one (e.g. 128 for speed).
         onnx_path: where to keep the export; reused when it was made from the same weights and
             input size. Default: a temporary file that lives as long as the extractor.
+        crop_pct: the fraction of the resized image kept by the centre crop instead of the
+            model's (timm's default 0.875 cuts ~12% of each side; 1.0 keeps the whole image).
 
     Attributes:
         model: the torch backbone (eval).
         data_config: the preprocessing (input_size, mean, std, interpolation, crop_pct, crop_mode).
+        preprocess: the matching :class:`~hierclass.data.EvalTransform` (uint8 per image, normalised per batch).
         dim: the feature size.
         stamp: backbone, weights and input size, stored in the ONNX file and the feature cache.
     """
@@ -78,11 +84,13 @@ class FeatureExtractor:
         engine: Engine | str = Engine.onnx,
         image_size: int | None = None,
         onnx_path: str | Path | None = None,
+        crop_pct: float | None = None,
     ) -> None:
         self.engine = Engine(engine)
         self.image_size = image_size
         self.model = create_backbone(backbone, pretrained)
-        self.data_config = data_config(self.model, image_size)
+        self.data_config = _data_config(self.model, image_size, crop_pct)
+        self.preprocess = resolve_transform(self.data_config)
         self.dim = int(self.model.num_features)
         self.stamp: dict[str, Any] = {
             "backbone": backbone,
@@ -103,20 +111,22 @@ class FeatureExtractor:
         else:
             self.model = self.model.to(memory_format=torch.channels_last)
 
-    def transform(self) -> Any:
-        """The eval preprocessing, PIL image -> tensor ``[3, H, W]``, matching :attr:`data_config`."""
-        return resolve_transform(self.model, self.image_size)
+    def transform(self) -> EvalTransform:
+        """The per-image preprocessing, PIL image -> uint8 tensor ``[3, H, W]``, matching :attr:`data_config`."""
+        return self.preprocess
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
-        """Features ``[B, dim]`` (float32) of preprocessed images ``[B, 3, H, W]``."""
+        """Features ``[B, dim]`` (float32) of images ``[B, 3, H, W]``: uint8 from :meth:`transform`
+        (normalised here, once for the batch), or float already normalised."""
         expected = tuple(self.data_config["input_size"])
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must be [B, {', '.join(map(str, expected))}], got {list(images.shape)}")
-        if self._onnx is not None:
-            return self._onnx(images.detach().cpu().float().numpy())
+        images = images.detach().cpu()
         with torch.inference_mode():
-            x = images.float().contiguous(memory_format=torch.channels_last)
-            return self.model(x).float().numpy()
+            x = self.preprocess.normalize(images) if images.dtype == torch.uint8 else images.float()
+            if self._onnx is not None:
+                return self._onnx(x.numpy())
+            return self.model(x.contiguous(memory_format=torch.channels_last)).float().numpy()
 
 
 def extract_features(
@@ -131,6 +141,7 @@ def extract_features(
     batch_size: int = 64,
     workers: int = 0,
     hflip: bool = False,
+    crop_pct: float | None = None,
     progress: bool = True,
 ) -> FeatureStore:
     """Run the backbone once over every image of ``data`` and store the pooled features.
@@ -153,6 +164,7 @@ def extract_features(
         batch_size: images per forward pass.
         workers: DataLoader processes decoding images (0: in this process).
         hflip: also store features of horizontally flipped images (view ``hflip``).
+        crop_pct: the centre crop's kept fraction instead of the model's (stored in ``data_config``).
         progress: show a progress bar (with images/s) and the final bad-image line.
 
     Returns:
@@ -161,7 +173,8 @@ def extract_features(
         extraction loop (decoding included), and whether it resumed or found the work done.
 
     Raises:
-        FeatureStoreError: ``out`` holds features made with other settings.
+        FeatureStoreError: ``out`` holds features made with other settings, or another
+            extraction is writing to it (one writer per folder: an exclusive lock on ``out/.extract.lock``).
         HierclassError: a bad source, taxonomy or backbone, each with its fix.
     """
     start = time.perf_counter()
@@ -182,7 +195,7 @@ def extract_features(
         "backbone": backbone,
         "pretrained": str(pretrained),
         "pretrained_sha256": source_fingerprint(str(pretrained)),
-        "data_config": data_config(model, image_size),
+        "data_config": _data_config(model, image_size, crop_pct),
         "engine": engine.value,
         "views": list(views),
         "source_path": str(source_path),
@@ -192,80 +205,109 @@ def extract_features(
     }
     dim = int(model.num_features)
     del model
-    resumed = (out / "meta.json").is_file()
-    if resumed:
-        store = FeatureStore.open(out, mode="r+", require_complete=False)
-        _check_same_settings(store, settings)
-        if not (np.array_equal(store.product_id, product_id) and np.array_equal(store.image_number, image_number)):
-            raise FeatureStoreError(
-                f"{out}: its image rows differ from {source_path} (the source changed since); "
-                "extract into a new --out folder"
+    with _exclusive(out):  # one writer per folder
+        resumed = (out / "meta.json").is_file()
+        if resumed:
+            store = FeatureStore.open(out, mode="r+", require_complete=False)
+            _check_same_settings(store, settings)
+            if not (np.array_equal(store.product_id, product_id) and np.array_equal(store.image_number, image_number)):
+                raise FeatureStoreError(
+                    f"{out}: its image rows differ from {source_path} (the source changed since); "
+                    "extract into a new --out folder"
+                )
+            if store.meta.get("complete"):
+                store = FeatureStore.open(out, mode="r")  # nothing to write: hand it back read-only
+                store.meta["last_run"] = _run_summary(0, 0, time.perf_counter() - start, 0.0, resumed=False, done=True)
+                return store
+        else:
+            leaf = tax.encode(np.asarray(source.category_ids, dtype=np.int64)[product_row], unknown=-1)
+            meta = {**settings, "taxonomy_source": tax.source, "n_products": len(source)}
+            store = FeatureStore.create(
+                out, dim=dim, product_id=product_id, image_number=image_number, leaf=leaf, meta=meta, views=views
             )
-        if store.meta.get("complete"):
-            store = FeatureStore.open(out, mode="r")  # nothing to write: hand it back read-only
-            store.meta["last_run"] = _run_summary(0, 0, time.perf_counter() - start, 0.0, resumed=False, done=True)
-            return store
-    else:
-        leaf = tax.encode(np.asarray(source.category_ids, dtype=np.int64)[product_row], unknown=-1)
-        meta = {**settings, "taxonomy_source": tax.source, "n_products": len(source)}
-        store = FeatureStore.create(
-            out, dim=dim, product_id=product_id, image_number=image_number, leaf=leaf, meta=meta, views=views
-        )
 
-    extractor = FeatureExtractor(
-        backbone,
-        pretrained,
-        engine=engine,
-        image_size=image_size,
-        onnx_path=out / ONNX_FILE if engine is Engine.onnx else None,
-    )
-    pending = store.pending
-    dataset = ImageDataset(source, extractor.transform(), product_row[pending], image_number[pending])
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate_images,
-        persistent_workers=False,
-    )
-    written = bad = 0
-    loop_start = time.perf_counter()
-    batches = iter(loader)
-    with tqdm(total=len(pending), unit="img", desc="features", disable=not progress, smoothing=0.1) as bar:
-        while True:
-            # Decoding in this process (workers=0) runs torch ops on one small image at a time, where
-            # intra-op threads only add synchronisation (several times slower on 2 busy cores).
-            with _torch_threads(1):
-                batch = next(batches, None)
-            if batch is None:
-                break
-            images, good, failed = batch
-            good_rows, bad_rows = pending[good.numpy()], pending[failed.numpy()]
-            if len(good_rows):
-                batch = torch.cat([images, images.flip(-1)]) if hflip else images
-                values = _to_float16(extractor(batch), out)
-                n = len(good_rows)
-                store.write(good_rows, {"orig": values[:n], **({"hflip": values[n:]} if hflip else {})}, OK)
-            if len(bad_rows):
-                store.write(bad_rows, {}, BAD)
-            written += len(good_rows)
-            bad += len(bad_rows)
-            bar.update(len(good_rows) + len(bad_rows))
-            if bad:
-                bar.set_postfix(bad=bad)
-    end = time.perf_counter()
-    summary = _run_summary(written, bad, end - start, end - loop_start, resumed=resumed, done=False)
-    store.mark_complete(last_run=summary)
-    n_bad = int(store.meta["n_bad"])
-    if progress and n_bad:
-        rows = np.flatnonzero(np.asarray(store.status) == BAD)[:3]
-        examples = ", ".join(f"product {store.product_id[r]} image {store.image_number[r]}" for r in rows)
-        tqdm.write(f"{n_bad} image(s) did not decode and were skipped (status BAD), e.g. {examples}")
-    return store
+        extractor = FeatureExtractor(
+            backbone,
+            pretrained,
+            engine=engine,
+            image_size=image_size,
+            onnx_path=out / ONNX_FILE if engine is Engine.onnx else None,
+            crop_pct=crop_pct,
+        )
+        pending = store.pending
+        dataset = ImageDataset(source, extractor.transform(), product_row[pending], image_number[pending])
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=collate_images,
+            persistent_workers=False,
+        )
+        written = bad = 0
+        loop_start = time.perf_counter()
+        batches = iter(loader)
+        with tqdm(total=len(pending), unit="img", desc="features", disable=not progress, smoothing=0.1) as bar:
+            while True:
+                # Decoding in this process (workers=0) runs torch ops on one small image at a time, where
+                # intra-op threads only add synchronisation (several times slower on 2 busy cores).
+                with _torch_threads(1):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
+                images, good, failed = batch
+                good_rows, bad_rows = pending[good.numpy()], pending[failed.numpy()]
+                if len(good_rows):
+                    batch = torch.cat([images, images.flip(-1)]) if hflip else images
+                    values = _to_float16(extractor(batch), out)
+                    n = len(good_rows)
+                    store.write(good_rows, {"orig": values[:n], **({"hflip": values[n:]} if hflip else {})}, OK)
+                if len(bad_rows):
+                    store.write(bad_rows, {}, BAD)
+                written += len(good_rows)
+                bad += len(bad_rows)
+                bar.update(len(good_rows) + len(bad_rows))
+                if bad:
+                    bar.set_postfix(bad=bad)
+        end = time.perf_counter()
+        summary = _run_summary(written, bad, end - start, end - loop_start, resumed=resumed, done=False)
+        store.mark_complete(last_run=summary)
+        n_bad = int(store.meta["n_bad"])
+        if progress and n_bad:
+            rows = np.flatnonzero(np.asarray(store.status) == BAD)[:3]
+            examples = ", ".join(f"product {store.product_id[r]} image {store.image_number[r]}" for r in rows)
+            tqdm.write(f"{n_bad} image(s) did not decode and were skipped (status BAD), e.g. {examples}")
+        return store
 
 
 # ---------------------------------------------------------------------- helpers
+def _data_config(model: torch.nn.Module, image_size: int | None, crop_pct: float | None) -> dict[str, Any]:
+    config = data_config(model, image_size)
+    if crop_pct is not None:
+        if not 0.0 < crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1] (the fraction kept by the centre crop), got {crop_pct}")
+        config["crop_pct"] = float(crop_pct)
+    return config
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` (created) for the block, or fail at once if another process has it."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when fd closes, also if this process dies
+        except BlockingIOError:
+            raise FeatureStoreError(
+                f"{out}: another extract-features is writing to this folder (it holds {LOCK_FILE}); "
+                "wait for it to finish, or pass another --out folder"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
     """Run the block with ``n`` torch intra-op threads, then restore the previous number."""

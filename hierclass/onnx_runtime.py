@@ -116,14 +116,19 @@ class OnnxBackbone:
     Args:
         path: the ``.onnx`` file.
         threads: intra-op threads; default: every usable core.
+        spinning: let idle intra-op threads spin-wait for work (ONNX Runtime's default). Off by
+            default: spinning threads burn the cores that image decoding (DataLoader workers) and
+            other jobs need, and on a shared 2-core machine they collapsed throughput several-fold;
+            on an idle machine turning it off costs little (benchmarks/README.md).
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, *, spinning: bool = False) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or usable_cores()
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only
         self.path = Path(path)

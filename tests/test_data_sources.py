@@ -21,6 +21,7 @@ from hierclass.data import (
     ProductDataset,
     collate_images,
     collate_products,
+    decode_image,
     image_rows,
     import_catalogue,
     make_jpeg,
@@ -73,9 +74,53 @@ def test_resolve_transform_and_product_dataset(sample: BsonDump) -> None:
     model = timm.create_model("resnet18", pretrained=False, num_classes=0)
     transform = resolve_transform(model, image_size=64)
     images, p = ProductDataset(sample, transform)[int(np.argmax(sample.n_images))]
-    assert len(images) == 4 and images[0].shape == (3, 64, 64) and images[0].dtype == torch.float32
+    assert len(images) == 4 and images[0].shape == (3, 64, 64) and images[0].dtype == torch.uint8
     batch = collate_products([ProductDataset(sample, transform)[q] for q in (0, p)])
     assert batch[0].shape == (5, 3, 64, 64) and batch[1].tolist() == [0, p, p, p, p] and batch[2].tolist() == [0, p]
+    normalised = transform.normalize(batch[0])
+    assert normalised.dtype == torch.float32 and normalised.shape == (5, 3, 64, 64)
+
+
+@pytest.mark.parametrize(
+    ("size", "crop_mode", "interpolation"),
+    [(128, "center", "bicubic"), (224, "center", "bicubic"), (96, "squash", "bilinear"), (64, "border", "bicubic")],
+)
+def test_eval_transform_matches_timm(sample: BsonDump, size: int, crop_mode: str, interpolation: str) -> None:
+    """uint8 resize + crop per image, normalise per batch == timm's float eval transform, to a pixel level."""
+    import timm.data
+
+    cfg = {"input_size": (3, size, size), "interpolation": interpolation, "crop_pct": 0.875, "crop_mode": crop_mode}
+    cfg |= {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    reference = timm.data.create_transform(**cfg, is_training=False)
+    ours = resolve_transform(cfg)
+    jpegs = [sample.read_images(p)[0] for p in range(20)] + [make_jpeg(3, size=(40, 90)), make_jpeg(4, size=(300, 120))]
+    expected = torch.stack([reference(decode_image(d)) for d in jpegs])
+    got = ours.normalize(torch.stack([ours(decode_image(d, ours.draft_size)) for d in jpegs]))
+    assert got.shape == expected.shape == (len(jpegs), 3, size, size)
+    one_level = 1 / (255 * min(cfg["std"]))
+    assert (got - expected).abs().max() <= 2.01 * one_level  # rounding of the two resize passes
+    assert (got - expected).abs().mean() <= 0.05 * one_level
+
+
+def test_draft_decoding_of_large_jpegs_is_close() -> None:
+    """A JPEG at least twice the resize target is decoded at a reduced scale: nearly the same pixels."""
+    import timm.data
+
+    cfg = {"input_size": (3, 64, 64), "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center"}
+    cfg |= {"mean": (0.5,) * 3, "std": (0.5,) * 3}
+    ours = resolve_transform(cfg)
+    y, x = np.mgrid[0:400, 0:300]
+    pixels = np.stack([x * 255 // 300, y * 255 // 400, (x + y) % 256], -1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=92)
+    data = buffer.getvalue()
+    assert ours.draft_size(300, 400) == (73, 97)
+    drafted = decode_image(data, ours.draft_size)
+    assert drafted.size == (75, 100)  # decoded at 1/4 scale
+    expected = timm.data.create_transform(**cfg, is_training=False)(decode_image(data))
+    got = ours.normalize(ours(drafted)[None])[0]
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0)
+    assert cosine > 0.995 and (got - expected).abs().mean() < 0.05
 
 
 def test_dataloader_two_workers(sample: BsonDump) -> None:

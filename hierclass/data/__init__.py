@@ -6,6 +6,7 @@ Nothing here loads a dump into memory: a dump is indexed in one sequential pass
 
 from hierclass.data.bson_index import BsonIndex, IndexReport, build_index, load_index, scan_dump
 from hierclass.data.datasets import (
+    EvalTransform,
     ImageDataset,
     ProductDataset,
     collate_images,
@@ -31,6 +32,7 @@ __all__ = [
     "BsonDump",
     "BsonIndex",
     "CsvCatalogue",
+    "EvalTransform",
     "FolderCatalogue",
     "ImageDataset",
     "ImageSource",
