@@ -4,9 +4,15 @@
 
 (a) index build MB/s against a plain sequential read of the same file, both on a warm page
     cache (the file is read once before either is timed; best of --repeat runs each);
-(b) images/s of random-access read + JPEG decode + resize to tensors (ImageDataset) in one
-    process against a bare loop that only decodes the same JPEG bytes with Pillow;
-(c) the same ImageDataset through a DataLoader with 2 worker processes.
+(b) images/s of random-access read + JPEG decode + resize/crop to uint8 tensors (ImageDataset with
+    the model's EvalTransform), collated in batches and normalised to float per batch, in one
+    process, against a bare loop that only decodes the same JPEG bytes with Pillow; also the old
+    per-image timm float transform and the dataset without resize, for comparison;
+(c) the same through a DataLoader with 2 persistent worker processes (started and warmed up
+    before timing), against (b) in one process.
+
+Timings are only meaningful on an idle machine: --max-load waits (up to --wait seconds) until the
+1-minute load average is below it before each part, and every line prints the load it ran at.
 
 The >= 1 GB dump is made by concatenating the real dumps and written under --work (never
 into the repository).
@@ -80,7 +86,15 @@ def bench_index(path: Path, repeat: int) -> dict:
     }
 
 
-def bench_images(source_path: Path, work: Path, n_images: int, image_size: int, batch: int) -> dict:
+def wait_for_idle(max_load: float, wait: float) -> float:
+    """Sleep until the 1-minute load average is below ``max_load`` (at most ``wait`` s); return it."""
+    deadline = time.monotonic() + wait
+    while os.getloadavg()[0] >= max_load and time.monotonic() < deadline:
+        time.sleep(10)
+    return os.getloadavg()[0]
+
+
+def bench_images(source_path: Path, work: Path, n_images: int, image_size: int, batch: int, repeat: int) -> dict:
     torch.set_num_threads(1)  # one core per process, so 1 process vs 2 workers is a fair comparison
     source = open_source(source_path, cache_dir=work / "cache", progress=False)
     product_row, image_number = image_rows(source)
@@ -94,33 +108,50 @@ def bench_images(source_path: Path, work: Path, n_images: int, image_size: int, 
         for data in jpegs:
             Image.open(io.BytesIO(data)).convert("RGB")
 
-    def ours() -> None:
-        for i in range(len(ds)):
-            ds[i]
+    def batches(dataset: ImageDataset, normalize) -> None:
+        for start in range(0, len(dataset), batch):
+            images, _, _ = collate_images([dataset[i] for i in range(start, min(start + batch, len(dataset)))])
+            if normalize is not None:
+                normalize(images)
 
-    def ours_no_resize() -> None:
-        plain = ImageDataset(source, None, ds.product_row, ds.image_number)
-        for i in range(len(plain)):
-            plain[i]
+    def ours() -> None:
+        batches(ds, transform.normalize)
+
+    def timm_float() -> None:  # before: timm's per-image float transform (bicubic resize, to float, normalise)
+        import timm.data
+
+        cfg = timm.data.resolve_model_data_config(timm.create_model("tf_efficientnet_lite0", pretrained=False))
+        cfg["input_size"] = (3, image_size, image_size)
+        batches(ImageDataset(source, timm.data.create_transform(**cfg), ds.product_row, ds.image_number), None)
+
+    def no_resize() -> None:
+        batches(ImageDataset(source, None, ds.product_row, ds.image_number), None)
+
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch, num_workers=2, collate_fn=collate_images, persistent_workers=True, prefetch_factor=4
+    )
 
     def workers() -> None:
-        loader = torch.utils.data.DataLoader(
-            ds, batch_size=batch, num_workers=2, collate_fn=collate_images, persistent_workers=False
-        )
-        for _ in loader:
-            pass
+        for images, _, _ in loader:
+            transform.normalize(images)  # in the main process, as FeatureExtractor does
 
+    load = os.getloadavg()[0]
     ours()  # warm
-    t_bare, t_ours, t_plain = best(bare, 3), best(ours, 3), best(ours_no_resize, 3)
-    t_workers = best(workers, 3)
+    t_bare, t_ours = best(bare, repeat), best(ours, repeat)
+    t_timm, t_plain = best(timm_float, 1), best(no_resize, 1)
+    workers()  # start the persistent workers
+    t_workers = best(workers, repeat)
     return {
         "file": source_path.name,
         "images": n_images,
+        "load": (load + os.getloadavg()[0]) / 2,
         "bare_decode_ips": n_images / t_bare,
         "dataset_1proc_ips": n_images / t_ours,
+        "timm_float_ips": n_images / t_timm,
         "dataset_1proc_no_resize_ips": n_images / t_plain,
         "dataloader_2workers_ips": n_images / t_workers,
         "ratio_1proc_vs_bare": t_bare / t_ours,
+        "ratio_timm_vs_bare": t_bare / t_timm,
         "ratio_no_resize_vs_bare": t_bare / t_plain,
         "ratio_2workers_vs_1proc": t_ours / t_workers,
         "image_size": image_size,
@@ -133,9 +164,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/hierclass-bench"))
     parser.add_argument("--big-gb", type=float, default=1.0, help="size of the replicated dump")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--images", type=int, default=2000, help="images per image-throughput run")
+    parser.add_argument("--images", type=int, default=5000, help="images per image-throughput run")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--max-load", type=float, default=1.3, help="wait for a 1-minute load average below this")
+    parser.add_argument("--wait", type=float, default=600, help="seconds to wait for it at most, per part")
+    parser.add_argument("--parts", default="a,b", help="a: index; b: images (b and c)")
     args = parser.parse_args()
 
     sample = args.data / "cdiscount" / "train_example.bson"
@@ -143,23 +177,30 @@ def main() -> None:
     big = make_big_dump([fashion, sample], args.work / "big.bson", int(args.big_gb * 1e9))
     big_cdiscount = make_big_dump([sample], args.work / "big_cdiscount.bson", int(args.big_gb * 1e9))
     print(f"cpus {os.cpu_count()}  load average {os.getloadavg()[0]:.2f} (other jobs share this machine)")
-    print("\n(a) index build vs sequential read, warm page cache, best of", args.repeat)
-    print(f"{'file':24s} {'MB':>8s} {'products':>9s} {'read MB/s':>10s} {'index MB/s':>11s} {'ratio':>6s}")
-    for path in (sample, fashion, big, big_cdiscount):
-        r = bench_index(path, args.repeat)
-        print(
-            f"{r['file']:24s} {r['MB']:8.1f} {r['products']:9d} {r['read_MBps']:10.0f} "
-            f"{r['index_MBps']:11.0f} {r['ratio']:6.2f}"
-        )
-    print(f"\n(b, c) images/s, {args.images} random images, tf_efficientnet_lite0 eval transform, {args.image_size}px")
-    for path in (sample, fashion):
-        r = bench_images(path, args.work, args.images, args.image_size, args.batch)
-        print(
-            f"{r['file']:24s} bare decode {r['bare_decode_ips']:7.0f}  dataset 1 proc {r['dataset_1proc_ips']:7.0f} "
-            f"(x{r['ratio_1proc_vs_bare']:.2f})  no resize {r['dataset_1proc_no_resize_ips']:7.0f} "
-            f"(x{r['ratio_no_resize_vs_bare']:.2f})  2 workers {r['dataloader_2workers_ips']:7.0f} "
-            f"(x{r['ratio_2workers_vs_1proc']:.2f} of 1 proc)"
-        )
+    parts = args.parts.split(",")
+    if "a" in parts:
+        load = wait_for_idle(args.max_load, args.wait)
+        print(f"\n(a) index build vs sequential read, warm page cache, best of {args.repeat}; load {load:.2f}")
+        header = ("file", "MB", "products", "read MB/s", "index MB/s", "ratio", "load")
+        print("{:24s} {:>8s} {:>9s} {:>10s} {:>11s} {:>6s} {:>5s}".format(*header))
+        for path in (sample, fashion, big, big_cdiscount):
+            r = bench_index(path, args.repeat)
+            print(
+                f"{r['file']:24s} {r['MB']:8.1f} {r['products']:9d} {r['read_MBps']:10.0f} "
+                f"{r['index_MBps']:11.0f} {r['ratio']:6.2f} {os.getloadavg()[0]:5.2f}"
+            )
+    if "b" in parts:
+        print(f"\n(b, c) images/s, {args.images} random images, tf_efficientnet_lite0 at {args.image_size}px")
+        for path in (sample, fashion):
+            wait_for_idle(args.max_load, args.wait)
+            r = bench_images(path, args.work, args.images, args.image_size, args.batch, args.repeat)
+            print(
+                f"{r['file']:20s} load {r['load']:.2f}  bare decode {r['bare_decode_ips']:5.0f}  "
+                f"dataset 1 proc {r['dataset_1proc_ips']:5.0f} (x{r['ratio_1proc_vs_bare']:.2f})  "
+                f"timm float {r['timm_float_ips']:5.0f} (x{r['ratio_timm_vs_bare']:.2f})  "
+                f"no resize {r['dataset_1proc_no_resize_ips']:5.0f} (x{r['ratio_no_resize_vs_bare']:.2f})  "
+                f"2 workers {r['dataloader_2workers_ips']:5.0f} (x{r['ratio_2workers_vs_1proc']:.2f} of 1 proc)"
+            )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ a dump, plus the backbone alone on a fixed random batch, and prints images/s::
 
     .venv/bin/python benchmarks/bench_features.py                      # fashion val, 2000 images, 128 px
     .venv/bin/python benchmarks/bench_features.py --limit 0 --workers 1   # the whole dump
+    .venv/bin/python benchmarks/bench_features.py --engines onnx,onnx-spin  # ORT threads not spinning / spinning
+
+``onnx-spin`` is ONNX Runtime with its default spin-waiting intra-op threads (hierclass turns
+spinning off; see ``hierclass.onnx_runtime.OnnxBackbone``).
 
 Not a test: the numbers depend on the machine and on what else runs on it (the load
 average is printed with them).
@@ -14,6 +18,8 @@ average is printed with them).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import tempfile
 import time
@@ -22,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import hierclass.features
 from hierclass.data import open_source
 from hierclass.features import FeatureExtractor, extract_features
-from hierclass.onnx_runtime import usable_cores
+from hierclass.onnx_runtime import OnnxBackbone, usable_cores
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion"
 
@@ -46,6 +53,16 @@ class FirstProducts:
 
     def read_images(self, p: int) -> list[bytes]:
         return self.source.read_images(p)
+
+
+@contextlib.contextmanager
+def ort_spinning(on: bool):
+    """Build FeatureExtractor's ONNX Runtime sessions with intra-op spinning on or off."""
+    hierclass.features.OnnxBackbone = functools.partial(OnnxBackbone, spinning=on)
+    try:
+        yield
+    finally:
+        hierclass.features.OnnxBackbone = OnnxBackbone
 
 
 def model_only(backbone: str, pretrained: str, engine: str, image_size: int, batch_size: int, repeats: int) -> float:
@@ -81,9 +98,10 @@ def main() -> None:
         f"workers {args.workers}, {usable_cores()} cores, torch threads {torch.get_num_threads()}, "
         f"{n_images} images of {args.data.name}; load average before: {os.getloadavg()[0]:.2f}"
     )
-    print(f"{'engine':<7} {'end-to-end img/s':>17} {'setup s':>8} {'model-only img/s':>17}")
-    for engine in args.engines.split(","):
-        with tempfile.TemporaryDirectory(prefix="bench-features-") as tmp:
+    print(f"{'engine':<9} {'end-to-end img/s':>15} {'setup s':>8} {'model-only img/s':>17}")
+    for name in args.engines.split(","):
+        engine, spin = name.removesuffix("-spin"), name.endswith("-spin")
+        with tempfile.TemporaryDirectory(prefix="bench-features-") as tmp, ort_spinning(spin):
             store = extract_features(
                 source,
                 args.taxonomy,
@@ -97,8 +115,8 @@ def main() -> None:
                 progress=False,
             )
             run = store.meta["last_run"]
-        alone = model_only(args.backbone, args.pretrained, engine, args.image_size, args.batch_size, repeats=5)
-        print(f"{engine:<7} {run['images_per_s']:>17.1f} {run['setup_seconds']:>8.1f} {alone:>17.1f}")
+            alone = model_only(args.backbone, args.pretrained, engine, args.image_size, args.batch_size, repeats=5)
+        print(f"{name:<9} {run['images_per_s']:>15.1f} {run['setup_seconds']:>8.1f} {alone:>17.1f}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
