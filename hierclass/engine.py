@@ -13,6 +13,16 @@ checkpointing) is shared in :func:`train_head`.
   branch's expert (:meth:`~hierclass.models.heads.ExpertHeads.routed_logits`). With
   ``branch=...`` only that branch's images are used and only its expert is replaced in the
   existing packed checkpoint.
+* experts with ``expert_other``: every labelled image (single-leaf branches' too) trains every
+  expert; expert ``b``'s target is the image's branch-local leaf if the image is in ``b``, else
+  ``b``'s extra "other" class. The loss of an image is the sum over experts of each expert's
+  cross-entropy over its leaves and its other class (label smoothing spread over those), so at
+  inference an expert that was routed to by mistake can say "not mine" (see
+  :class:`~hierclass.inference.HierarchicalClassifier`). With ``branch=...`` only that expert's
+  term is computed, on every labelled image. Class balancing weights each image by its leaf's
+  count, as without other ("other" is not a class of its own for balancing); validation accuracy
+  stays the accuracy within the true branch, over the images of branches with more than one leaf
+  (of ``branch`` only, when given), and the validation loss is the training loss without smoothing.
 """
 
 from __future__ import annotations
@@ -62,6 +72,10 @@ class TrainConfig:
     device: str = "cpu"  # "cpu", or "cuda" when available
     eval_batch_size: int = 4096  # images per validation forward pass (no gradients)
     progress: bool | None = None  # tqdm bars: None = only when stderr is a terminal
+    # Experts only (ignored by router and flat): experts also learn an "other" class from the samples of other
+    # branches, so routing mistakes can be recovered at inference; costs ~ a flat head per step since every
+    # sample trains every expert.
+    expert_other: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field, its value and what was expected."""
@@ -91,11 +105,18 @@ class Task:
         kind: ``"router"``, ``"experts"`` or ``"flat"``.
         taxonomy: the class indices.
         branch: experts only: train this branch's expert alone.
+        other: experts only: every expert also learns an "other" class from every other branch's samples.
     """
 
     kind: str
     taxonomy: Taxonomy
     branch: int | None = None
+    other: bool = False
+
+    @property
+    def expert_other(self) -> bool:
+        """Experts with an other class (the loss and sample set differ; see the module doc)."""
+        return self.kind == "experts" and self.other
 
     @property
     def n_classes(self) -> int:
@@ -105,7 +126,7 @@ class Task:
     def sample_mask(self, leaf: np.ndarray) -> np.ndarray:
         """Which images (by leaf index, -1 = unlabelled) this head learns from."""
         labelled = leaf >= 0
-        if self.kind != "experts":
+        if self.kind != "experts" or self.other:
             return labelled
         branch = self.taxonomy.leaf_level1[np.where(labelled, leaf, 0)]
         keep = labelled & (self.taxonomy.branch_sizes[branch] > 1)
@@ -121,7 +142,7 @@ class Task:
             return RouterHead(dim, self.taxonomy.n_level1, hidden=config.hidden, dropout=config.dropout)
         if self.kind == "flat":
             return FlatHead(dim, self.taxonomy.n_leaves, hidden=config.hidden, dropout=config.dropout)
-        return ExpertHeads(dim, self.taxonomy, hidden=config.hidden, dropout=config.dropout)
+        return ExpertHeads(dim, self.taxonomy, hidden=config.hidden, dropout=config.dropout, other=self.other)
 
     def log_probs(self, model: nn.Module, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """Log-probabilities over each sample's admissible classes and the target column in them.
@@ -134,6 +155,49 @@ class Task:
             return F.log_softmax(model(x), dim=1), target
         leaf_branch = model.leaf_branch[target]
         return F.log_softmax(model.routed_logits(x, leaf_branch), dim=1), model.leaf_local[target]
+
+    def loss(
+        self, model: nn.Module, x: Tensor, target: Tensor, smoothing: float = 0.0, weight: Tensor | None = None
+    ) -> Tensor:
+        """The training loss of a batch (``target``: global classes; ``weight``: per-sample weights)."""
+        if not self.expert_other:
+            log_probs, local = self.log_probs(model, x, target)
+            return smoothed_nll(log_probs, local, smoothing, weight)
+        if self.branch is not None:
+            # One expert's term: its leaves + other on every sample (other experts untouched).
+            b = self.branch
+            in_b = model.leaf_branch[target] == b
+            column = torch.where(in_b, model.leaf_local[target], model.branch_sizes[b])
+            log_probs = F.log_softmax(model.branch_logits(x, b, include_other=True), dim=1)
+            return smoothed_nll(log_probs, column, smoothing, weight)
+        leaf_lp, other_lp = model.log_probs_with_other(x)  # [N, n_leaves], [N, n_level1]
+        true_branch = model.leaf_branch[target].unsqueeze(1)
+        # Each expert's target: "other", except the true branch's expert, whose target is the leaf.
+        nll = -(other_lp.sum(1) - other_lp.gather(1, true_branch).squeeze(1) + leaf_lp.gather(1, target[:, None])[:, 0])
+        if smoothing > 0:
+            per_branch = other_lp + other_lp.new_zeros(other_lp.shape).index_add(1, model.leaf_branch, leaf_lp)
+            spread = -(per_branch / (model.sizes + 1)).sum(1)  # each expert's mean over its leaves + other
+            nll = (1 - smoothing) * nll + smoothing * spread
+        return nll.mean() if weight is None else (nll * weight).sum() / weight.sum()
+
+    @torch.no_grad()
+    def eval_batch(self, model: nn.Module, x: Tensor, target: Tensor) -> tuple[float, int, int]:
+        """``(summed validation loss, correct, scored)`` of a batch: the unsmoothed loss over every sample,
+        and how many of the scored samples have the right leaf chosen within their true branch."""
+        if not self.expert_other:
+            log_probs, local = self.log_probs(model, x, target)
+            return (
+                float(smoothed_nll(log_probs, local)) * len(target),
+                int((log_probs.argmax(1) == local).sum()),
+                len(target),
+            )
+        loss = float(self.loss(model, x, target)) * len(target)
+        branch = model.leaf_branch[target]
+        scored = model.sizes[branch] > 1  # a single-leaf branch's own leaf is always right: not counted
+        if self.branch is not None:
+            scored &= branch == self.branch
+        pred = model.routed_logits(x, branch).argmax(1)
+        return loss, int(((pred == model.leaf_local[target]) & scored).sum()), int(scored.sum())
 
 
 def smoothed_nll(log_probs: Tensor, target: Tensor, smoothing: float = 0.0, weight: Tensor | None = None) -> Tensor:
@@ -259,8 +323,7 @@ def train_one_epoch(
         lr = lr_at(step, total_steps, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        log_probs, local = task.log_probs(model, x, t)
-        loss = smoothed_nll(log_probs, local, config.label_smoothing, weights[t] if weights is not None else None)
+        loss = task.loss(model, x, t, config.label_smoothing, weights[t] if weights is not None else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -275,18 +338,19 @@ def train_one_epoch(
 def evaluate(model: nn.Module, task: Task, data: Split, config: TrainConfig) -> dict[str, float]:
     """Validation loss (plain cross-entropy over admissible classes) and accuracy.
 
-    For experts, accuracy is within the true branch: how often the right expert picks the right leaf.
+    For experts, accuracy is within the true branch: how often the right expert picks the right leaf
+    (with ``expert_other``: over the images of multi-leaf branches; 1 when there are none, as a
+    single-leaf branch's own leaf is always right).
     """
     model.eval()
     device = torch.device(config.device)
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, scored = 0.0, 0, 0
     for start in range(0, len(data), config.eval_batch_size):
         feats, target = data.batch(np.arange(start, min(start + config.eval_batch_size, len(data))))
         t = torch.from_numpy(target).to(device)
-        log_probs, local = task.log_probs(model, torch.from_numpy(feats).to(device), t)
-        loss_sum += float(smoothed_nll(log_probs, local)) * len(t)
-        correct += int((log_probs.argmax(1) == local).sum())
-    return {"val_loss": loss_sum / len(data), "val_acc": correct / len(data)}
+        batch_loss, batch_correct, batch_scored = task.eval_batch(model, torch.from_numpy(feats).to(device), t)
+        loss_sum, correct, scored = loss_sum + batch_loss, correct + batch_correct, scored + batch_scored
+    return {"val_loss": loss_sum / len(data), "val_acc": correct / scored if scored else 1.0}
 
 
 def _no_bar(config: TrainConfig) -> bool | None:
@@ -342,8 +406,8 @@ def train_head(
     out_dir = Path(out_dir)
     _check_stores(train_store, val_store, taxonomy)
     b = taxonomy.branch_index(branch) if branch is not None else None
-    task = Task(kind, taxonomy, b)
-    if b is not None and taxonomy.branch_sizes[b] < 2:
+    task = Task(kind, taxonomy, b, other=kind == "experts" and config.expert_other)
+    if b is not None and taxonomy.branch_sizes[b] < 2 and not task.other:
         raise HierclassError(f"branch {branch!r} has a single leaf: its expert has nothing to learn")
 
     if val_store is None:
@@ -365,7 +429,7 @@ def train_head(
         packed, base_meta = _existing_experts(out_dir, taxonomy, train_store, config)
         model = copy.deepcopy(packed)
         model.copy_branch_(
-            ExpertHeads(train_store.dim, taxonomy, packed.hidden, packed.dropout, packed.activation), b
+            ExpertHeads(train_store.dim, taxonomy, packed.hidden, packed.dropout, packed.activation, packed.other), b
         )  # fresh init
     else:
         model = task.build_model(train_store.dim, config)
@@ -473,6 +537,12 @@ def _existing_experts(
         raise CheckpointError(
             f"{out_dir}: the packed experts have hidden={model.hidden}, this run asks hidden={config.hidden}; "
             "use the same --hidden, or retrain all experts"
+        )
+    if model.other != config.expert_other:
+        have, ask = ("with", "without") if model.other else ("without", "with")
+        raise CheckpointError(
+            f"{out_dir}: the packed experts were trained {have} an other class, this run asks {ask}; "
+            f"{'add' if model.other else 'drop'} --expert-other, or retrain all experts"
         )
     saved, now = backbone_config(meta.get("features", {})), backbone_config(store.meta)
     if saved != now or model.dim != store.dim:

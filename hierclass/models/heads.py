@@ -5,6 +5,8 @@
   one column per leaf, in the taxonomy's leaf order; branch ``b``'s expert owns columns
   ``branch_start[b]:branch_start[b + 1]`` and is normalised within that segment only
   (:func:`segment_log_softmax`), so ``log_probs`` is ``log P(leaf | its branch)``.
+  With ``other=True`` each expert also scores "not my branch" and normalises over its
+  leaves plus that other class (trained on every branch's samples; see hierclass.engine).
 * :class:`FlatHead` scores every leaf at once (the baseline).
 
 Each head is a linear layer by default, or a small MLP (Linear - GELU - Dropout - Linear)
@@ -157,22 +159,38 @@ class ExpertHeads(nn.Module):
     one matmul per branch present on its own samples in training (:meth:`routed_logits`). MLP experts
     (``hidden`` given) have a hidden layer per branch, batched as described in the module doc.
 
+    With ``other=True`` every expert (single-leaf branches' too) also has an "other" logit: "this
+    sample is not of my branch". :meth:`all_logits` returns the leaf logits and the ``[N, n_level1]``
+    other logits from one pass; :meth:`log_probs_with_other` normalises each branch over its leaves
+    and its other logit (:meth:`log_probs` keeps the leaf part, whose segments then sum to
+    ``1 - P_b(other)``); ``branch_logits(x, b, include_other=True)`` appends branch b's other logit.
+    Linear experts keep ``linear`` (leaves) and add ``other_linear = nn.Linear(dim, n_level1)``;
+    MLP experts add ``w_other [b, hidden]`` and ``b_other [b]`` fed by each expert's hidden layer.
+
     Args:
         dim: the feature size.
         taxonomy: gives the branches and their sizes (only sizes are stored; a checkpoint checks the rest).
         hidden: None for linear experts, else the hidden width of every expert.
         dropout: dropout probability.
         activation: ``"gelu"`` or ``"relu"`` (MLP only).
+        other: give every expert an "other" class (see above).
     """
 
     kind = "experts"
 
     def __init__(
-        self, dim: int, taxonomy: Taxonomy, hidden: int | None = None, dropout: float = 0.0, activation: str = "gelu"
+        self,
+        dim: int,
+        taxonomy: Taxonomy,
+        hidden: int | None = None,
+        dropout: float = 0.0,
+        activation: str = "gelu",
+        other: bool = False,
     ):
         super().__init__()
         _check_head_args(dim, taxonomy.n_leaves, hidden, dropout, activation)
         self.dim, self.hidden, self.dropout, self.activation = dim, hidden, dropout, activation
+        self.other = bool(other)
         self.n_branches, self.n_leaves = taxonomy.n_level1, taxonomy.n_leaves
         self.branch_start: list[int] = [int(s) for s in taxonomy.branch_start]
         self.branch_sizes: list[int] = [int(s) for s in taxonomy.branch_sizes]
@@ -184,8 +202,14 @@ class ExpertHeads(nn.Module):
         self.register_buffer("sizes", torch.tensor(taxonomy.branch_sizes), persistent=False)
         self.drop = nn.Dropout(dropout)
         self._act = ACTIVATIONS[activation]
+        # Column segments of [leaf logits | other logits]: leaf columns by branch, then one other column per branch.
+        self.register_buffer(
+            "other_segment", torch.cat([self.leaf_branch, torch.arange(self.n_branches)]), persistent=False
+        )
         if hidden is None:
             self.linear = nn.Linear(dim, self.n_leaves)
+            if self.other:
+                self.other_linear = nn.Linear(dim, self.n_branches)
         else:
             b, h, m = self.n_branches, hidden, self.max_size
             # Same init as nn.Linear, per expert; output padding starts (and stays, by weight decay) at 0.
@@ -194,31 +218,78 @@ class ExpertHeads(nn.Module):
             pad = torch.arange(m).unsqueeze(0) < self.sizes.unsqueeze(1)  # [b, m] real output columns
             self.w2 = nn.Parameter(torch.empty(b, h, m).uniform_(-(h**-0.5), h**-0.5) * pad.unsqueeze(1))
             self.b2 = nn.Parameter(torch.empty(b, m).uniform_(-(h**-0.5), h**-0.5) * pad)
+            if self.other:
+                self.w_other = nn.Parameter(torch.empty(b, h).uniform_(-(h**-0.5), h**-0.5))
+                self.b_other = nn.Parameter(torch.empty(b).uniform_(-(h**-0.5), h**-0.5))
 
     # ------------------------------------------------------------------ inference
     def forward(self, x: Tensor) -> Tensor:
         """Every expert's logits on every sample, ``[N, n_leaves]`` in leaf order."""
+        return self.all_logits(x)[0]
+
+    def all_logits(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Every expert's leaf logits ``[N, n_leaves]`` and other logits ``[N, n_level1]`` (None without other)."""
         if self.hidden is None:
-            return self.linear(self.drop(x))
+            x = self.drop(x)
+            return self.linear(x), (self.other_linear(x) if self.other else None)
         h = self.drop(self._act(torch.einsum("nd,bdh->bnh", x, self.w1) + self.b1.unsqueeze(1)))  # [b, N, h]
         out = torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)  # [b, N, max_size]
         flat_col = self.leaf_branch * self.max_size + self.leaf_local
-        return out.permute(1, 0, 2).reshape(x.shape[0], -1)[:, flat_col]
+        leaves = out.permute(1, 0, 2).reshape(x.shape[0], -1)[:, flat_col]
+        if not self.other:
+            return leaves, None
+        return leaves, torch.einsum("bnh,bh->nb", h, self.w_other) + self.b_other
+
+    def other_logits(self, x: Tensor) -> Tensor:
+        """Every expert's "other" logit, ``[N, n_level1]`` (experts built with ``other=True`` only)."""
+        self._need_other()
+        return self.all_logits(x)[1]
 
     def log_probs(self, x: Tensor) -> Tensor:
-        """``log P(leaf | its branch)`` for every leaf, ``[N, n_leaves]``; each segment's probabilities sum to 1."""
-        return _segment_log_softmax(self(x), self.leaf_branch, self.n_branches)
+        """``log P_b(leaf)`` for every leaf, ``[N, n_leaves]``, each expert normalised over its own classes.
 
-    def branch_logits(self, x: Tensor, branch: int) -> Tensor:
-        """One expert's logits, ``[N, size_b]`` in branch-local order (the other experts are not run)."""
+        Without other each segment's probabilities sum to 1 (``log P(leaf | its branch)``); with other
+        they sum to ``1 - P_b(other)`` (see :meth:`log_probs_with_other`).
+        """
+        return self.log_probs_with_other(x)[0]
+
+    def log_probs_with_other(self, x: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor | None]:
+        """``(log P_b(leaf) [N, n_leaves], log P_b(other) [N, n_level1])``: each expert's log-softmax over
+        its leaves and its other logit (the second is None without other), logits divided by ``temperature``."""
+        leaves, other = self.all_logits(x)
+        if other is None:
+            return _segment_log_softmax(leaves / temperature, self.leaf_branch, self.n_branches), None
+        both = _segment_log_softmax(torch.cat([leaves, other], 1) / temperature, self.other_segment, self.n_branches)
+        return both[:, : self.n_leaves], both[:, self.n_leaves :]
+
+    def branch_logits(self, x: Tensor, branch: int, include_other: bool = False) -> Tensor:
+        """One expert's logits, ``[N, size_b]`` in branch-local order (the other experts are not run).
+
+        With ``include_other`` (experts built with ``other=True``), its other logit is appended as the
+        last column: ``[N, size_b + 1]``.
+        """
         if not 0 <= branch < self.n_branches:
             raise IndexError(f"branch {branch} is out of range: there are {self.n_branches} branches")
+        if include_other:
+            self._need_other()
         start, size = self.branch_start[branch], self.branch_sizes[branch]
         if self.hidden is None:
             x = self.drop(x)
-            return F.linear(x, self.linear.weight[start : start + size], self.linear.bias[start : start + size])
+            out = F.linear(x, self.linear.weight[start : start + size], self.linear.bias[start : start + size])
+            if not include_other:
+                return out
+            one = slice(branch, branch + 1)
+            other = F.linear(x, self.other_linear.weight[one], self.other_linear.bias[one])
+            return torch.cat([out, other], 1)
         h = self.drop(self._act(x @ self.w1[branch] + self.b1[branch]))
-        return h @ self.w2[branch, :, :size] + self.b2[branch, :size]
+        out = h @ self.w2[branch, :, :size] + self.b2[branch, :size]
+        if not include_other:
+            return out
+        return torch.cat([out, (h @ self.w_other[branch] + self.b_other[branch]).unsqueeze(1)], 1)
+
+    def _need_other(self) -> None:
+        if not self.other:
+            raise ValueError("these experts have no 'other' class; build them with other=True")
 
     # ------------------------------------------------------------------ training
     def routed_logits(self, x: Tensor, branch: Tensor) -> Tensor:
@@ -279,8 +350,12 @@ class ExpertHeads(nn.Module):
         """Each parameter tensor and the index of branch ``branch``'s part of it."""
         if self.hidden is None:
             rows = slice(self.branch_start[branch], self.branch_start[branch] + self.branch_sizes[branch])
-            return {"linear.weight": (self.linear.weight, (rows,)), "linear.bias": (self.linear.bias, (rows,))}
-        return {name: (getattr(self, name), (branch,)) for name in ("w1", "b1", "w2", "b2")}
+            out = {"linear.weight": (self.linear.weight, (rows,)), "linear.bias": (self.linear.bias, (rows,))}
+            if self.other:
+                out |= {f"other_linear.{n}": (getattr(self.other_linear, n), (branch,)) for n in ("weight", "bias")}
+            return out
+        names = ("w1", "b1", "w2", "b2") + (("w_other", "b_other") if self.other else ())
+        return {name: (getattr(self, name), (branch,)) for name in names}
 
     @torch.no_grad()
     def copy_branch_(self, source: ExpertHeads, branch: int) -> None:
@@ -300,6 +375,7 @@ class ExpertHeads(nn.Module):
             "hidden": self.hidden,
             "dropout": self.dropout,
             "activation": self.activation,
+            "other": self.other,
         }
 
 
@@ -322,4 +398,4 @@ def build_head(config: dict[str, Any], taxonomy: Taxonomy) -> nn.Module:
         return RouterHead(dim, n, **common)
     if kind == "flat":
         return FlatHead(dim, n, **common)
-    return ExpertHeads(dim, taxonomy, **common)
+    return ExpertHeads(dim, taxonomy, **common, other=bool(config.get("other", False)))  # old checkpoints: no other
