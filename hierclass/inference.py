@@ -17,6 +17,12 @@ The hierarchical model combines P(leaf) = P(branch) x P(leaf | branch): over eve
 (``combine="soft"``), over the ``k`` most probable branches renormalised (``"topk"``, which
 runs only the chosen experts), or over the most probable branch only (``"hard"``). Level-1
 and level-2 probabilities are sums over leaves (:func:`level_proba`).
+
+Experts trained with an "other" class (``ExpertHeads(other=True)``, ``train-experts
+--expert-other``) are combined as ``P(leaf) ∝ P_router(b(leaf)) x P_expert_b(leaf)``, where
+``P_expert_b`` is the expert's softmax over its leaves and its other class, the other mass dropped
+(not renormalised over the leaves), and each row then normalised over all leaves: an expert that
+the router picked by mistake and that says "not mine" hands the mass to the other branches.
 """
 
 from __future__ import annotations
@@ -272,6 +278,11 @@ class HierarchicalClassifier(_Classifier):
         k: branches kept by ``"topk"``.
         router_temperature, expert_temperature: divide the logits (see :meth:`calibrate`).
         batch_size: rows per forward pass.
+
+    Experts with an other class (``experts.other``) are combined as the module doc says, for every
+    ``combine``: each chosen branch's leaves get ``P_router(b) x P_expert_b(leaf)`` (the expert's
+    softmax over its leaves and its other class), and the row is normalised over all leaves. With
+    ``"hard"`` this is the chosen expert renormalised over its leaves, as without other.
     """
 
     def __init__(
@@ -315,7 +326,14 @@ class HierarchicalClassifier(_Classifier):
     def _branch_proba(self, x: torch.Tensor, branch: int) -> torch.Tensor:
         return torch.softmax(self.experts.branch_logits(x, branch).float() / self.expert_temperature, dim=1)
 
+    @property
+    def expert_other(self) -> bool:
+        """Whether the experts have an "other" class (combined as the class doc says)."""
+        return bool(getattr(self.experts, "other", False))
+
     def _proba_batch(self, x: torch.Tensor) -> torch.Tensor:
+        if self.expert_other:
+            return self._proba_batch_other(x)
         router = self._router_proba(x)
         if self.combine == "soft":
             cond = segment_log_softmax(self.experts(x).float() / self.expert_temperature, self.taxonomy).exp()
@@ -331,6 +349,23 @@ class HierarchicalClassifier(_Classifier):
             out[rows, start[b] : start[b + 1]] = weight[rows, slot, None] * self._branch_proba(x[rows], b)
         return out
 
+    def _proba_batch_other(self, x: torch.Tensor) -> torch.Tensor:
+        """Router x experts-with-other, in log space (no underflow to an all-zero row), rows summing to 1."""
+        log_router = torch.log_softmax(self.router(x).float() / self.router_temperature, dim=1)
+        if self.combine == "soft":
+            log_leaf, _ = self.experts.log_probs_with_other(x.float(), self.expert_temperature)
+            score = log_router[:, torch.tensor(self.taxonomy.leaf_level1)] + log_leaf.float()
+            return torch.softmax(score, dim=1)
+        k = 1 if self.combine == "hard" else min(self.k, self.taxonomy.n_level1)
+        weight, chosen = torch.topk(log_router, k, dim=1)  # row by row: independent of the batch
+        score = torch.full((len(x), self.taxonomy.n_leaves), -torch.inf)
+        start = self.taxonomy.branch_start
+        for b in torch.unique(chosen).tolist():
+            rows, slot = torch.nonzero(chosen == b, as_tuple=True)
+            z = self.experts.branch_logits(x[rows], b, include_other=True).float() / self.expert_temperature
+            score[rows, start[b] : start[b + 1]] = weight[rows, slot, None] + torch.log_softmax(z, dim=1)[:, :-1]
+        return torch.softmax(score, dim=1)
+
     @torch.no_grad()
     def router_proba(self, features: np.ndarray) -> np.ndarray:
         """P(branch) ``[N, n_level1]`` from the router alone."""
@@ -345,6 +380,8 @@ class HierarchicalClassifier(_Classifier):
         """P(leaf | branch) ``[N, n_leaves]`` for one given branch per sample (zero elsewhere).
 
         With the true branch this is the oracle-routed model: how good the experts are alone.
+        Experts with an other class are renormalised over the branch's leaves here (the other mass
+        dropped), which leaves their argmax unchanged.
         """
         features = _as_features(features)
         branch = np.asarray(branch, dtype=np.int64)
@@ -366,7 +403,10 @@ class HierarchicalClassifier(_Classifier):
         """Fit the router and the expert temperatures on labelled (validation) features.
 
         The router's is fitted on P(true branch); the experts' on P(true leaf | true branch),
-        running each sample's true-branch expert only (memory O(N x branch size)).
+        running each sample's true-branch expert only (memory O(N x branch size)). Experts with an
+        other class are fitted on P(true leaf) of the true branch's expert over its leaves and its
+        other class (single-leaf branches included: leaf vs other); the samples of other branches,
+        whose target for an expert would be "other", are not used.
 
         Args:
             features: ``[N, dim]`` validation features.
@@ -379,6 +419,7 @@ class HierarchicalClassifier(_Classifier):
         rows_all = known[_calibration_rows(len(known), max_samples)]
         tax = self.taxonomy
         router_logits = []
+        other = {"include_other": True} if self.expert_other else {}  # the other logit is the last column
         expert_groups: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         for batch in _batches(len(rows_all), self.batch_size):
             rows = rows_all[batch]
@@ -386,10 +427,10 @@ class HierarchicalClassifier(_Classifier):
             router_logits.append(self.router(x).float().numpy())
             branch = tax.leaf_level1[y]
             for b in np.unique(branch):
-                if tax.branch_sizes[b] < 2:
+                if tax.branch_sizes[b] < 2 and not self.expert_other:
                     continue  # a single-leaf branch's expert is always right: nothing to calibrate
                 sel = np.flatnonzero(branch == b)
-                z = self.experts.branch_logits(x[sel], int(b)).float().numpy()
+                z = self.experts.branch_logits(x[sel], int(b), **other).float().numpy()
                 expert_groups.setdefault(int(b), []).append((z, tax.leaf_local[y[sel]]))
         self.router_temperature = fit_temperature(np.concatenate(router_logits), tax.leaf_level1[leaf[rows_all]])
         groups = [

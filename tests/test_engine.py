@@ -13,6 +13,7 @@ from hierclass.checkpoint import load_model
 from hierclass.engine import Task, TrainConfig, class_weights, holdout_products, smoothed_nll, train_head
 from hierclass.errors import CheckpointError
 from hierclass.featurestore import OK, FeatureStore, FeatureStoreError
+from hierclass.models.heads import ExpertHeads
 from hierclass.synthetic import make_synthetic_features, synthetic_means, write_synthetic_store
 from hierclass.taxonomy import Taxonomy
 
@@ -194,3 +195,84 @@ def test_synthetic_features_are_hierarchical(tmp_path: Path) -> None:
     assert set(store.leaf.tolist()) == {4, 30} and 0.6 < (store.leaf == 30).mean() < 0.9
     with pytest.raises(ValueError, match="leaf_weights"):
         write_synthetic_store(tmp_path / "bad", tax, 10, 8, leaf_weights=np.ones(3))
+
+
+# ---------------------------------------------------------------------------- experts with an other class
+def other_loss_loop(model, x: torch.Tensor, leaf: torch.Tensor, tax: Taxonomy, smoothing: float) -> torch.Tensor:
+    """The definition: per sample, the sum over experts of each expert's cross-entropy over leaves + other."""
+    total = torch.zeros(len(leaf))
+    for b in range(tax.n_level1):
+        z = model.branch_logits(x, b, include_other=True)
+        in_b = torch.tensor(tax.leaf_level1)[leaf] == b
+        target = torch.where(in_b, torch.tensor(tax.leaf_local)[leaf], z.shape[1] - 1)
+        total += torch.nn.functional.cross_entropy(z, target, label_smoothing=smoothing, reduction="none")
+    return total
+
+
+@pytest.mark.parametrize("hidden", [None, 4])
+def test_expert_other_loss_matches_its_definition(tax: Taxonomy, hidden: int | None) -> None:
+    torch.manual_seed(0)
+    model = ExpertHeads(6, tax, hidden=hidden, other=True).eval()
+    x, leaf = torch.randn(9, 6), torch.tensor([0, 1, 3, 4, 5, 6, 7, 7, 2])
+    task = Task("experts", tax, other=True)
+    ref = other_loss_loop(model, x, leaf, tax, 0.1)
+    torch.testing.assert_close(task.loss(model, x, leaf, 0.1), ref.mean())
+    w = torch.rand(9)
+    torch.testing.assert_close(task.loss(model, x, leaf, 0.1, w), (ref * w).sum() / w.sum())
+    # One branch's retraining computes that expert's term only.
+    b = tax.branch_index("B")
+    z = model.branch_logits(x, b, include_other=True)
+    target = torch.tensor([3, 3, 3, 0, 1, 2, 3, 3, 3])
+    expected = torch.nn.functional.cross_entropy(z, target, label_smoothing=0.1)
+    torch.testing.assert_close(Task("experts", tax, branch=b, other=True).loss(model, x, leaf, 0.1), expected)
+    # Every labelled sample counts, single-leaf branch C included.
+    assert Task("experts", tax, other=True).sample_mask(np.array([0, 7, -1])).tolist() == [True, True, False]
+    assert Task("experts", tax, branch=1, other=True).sample_mask(np.array([0, 7, -1])).tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize("hidden", [None, 8])
+def test_expert_other_overfits_and_learns_other(tmp_path: Path, tax: Taxonomy, hidden: int | None) -> None:
+    store = tiny_store(tmp_path / "f", tax)
+    config = TrainConfig(**{**OVERFIT.__dict__, "hidden": hidden, "expert_other": True})
+    m = train_head("experts", store, store, tax, config, tmp_path / "run")
+    assert m["val_acc"] == 1.0 and m["n_train"] == 8 * 3, m  # every labelled image, branch C's too
+    model, meta = load_model(tmp_path / "run", tax)
+    assert model.other and meta["head"]["other"] is True and meta["training"]["expert_other"] is True
+    leaf = np.asarray(store.leaf)[:24]
+    leaf_lp, other_lp = model.log_probs_with_other(torch.from_numpy(store.features()[:24].astype(np.float32)))
+    p_other = other_lp.exp().detach().numpy()
+    own = tax.leaf_level1[leaf]
+    in_branch = np.arange(tax.n_level1)[None, :] == own[:, None]
+    assert (p_other[~in_branch] > 0.9).all(), p_other  # other experts say "not mine"
+    assert (p_other[in_branch] < 0.1).all(), p_other  # the own expert does not
+    for i, y in enumerate(leaf):
+        s, e = int(tax.branch_start[own[i]]), int(tax.branch_start[own[i] + 1])
+        assert s + int(leaf_lp[i, s:e].argmax()) == y
+
+
+@pytest.mark.parametrize("hidden", [None, 4])
+def test_expert_other_branch_retraining(tmp_path: Path, tax: Taxonomy, hidden: int | None) -> None:
+    store = tiny_store(tmp_path / "f", tax)
+    config = TrainConfig(epochs=2, batch_size=4, hidden=hidden, expert_other=True, **QUIET)
+    run = tmp_path / "run"
+    train_head("experts", store, store, tax, config, run)
+    before, _ = load_model(run, tax)
+    config.seed = 5
+    m = train_head("experts", store, store, tax, config, run, branch="B")
+    assert m["n_train"] == 8 * 3 and m["branch"] == "B"  # that expert learns "other" from every image
+    after, _ = load_model(run, tax)
+    x = torch.randn(5, 16)
+    b = tax.branch_index("B")
+    s, e = int(tax.branch_start[b]), int(tax.branch_start[b + 1])
+    keep = np.r_[0:s, e : tax.n_leaves]
+    (leaves_a, other_a), (leaves_b, other_b) = after.all_logits(x), before.all_logits(x)
+    torch.testing.assert_close(leaves_a[:, keep], leaves_b[:, keep], rtol=0, atol=0)
+    others = [c for c in range(tax.n_level1) if c != b]
+    torch.testing.assert_close(other_a[:, others], other_b[:, others], rtol=0, atol=0)
+    assert not torch.allclose(leaves_a[:, s:e], leaves_b[:, s:e])
+    assert not torch.allclose(other_a[:, b], other_b[:, b])
+    # A single-leaf branch has something to learn with other (its leaf vs other).
+    train_head("experts", store, store, tax, config, run, branch="C")
+    with pytest.raises(CheckpointError, match="other class"):
+        plain = TrainConfig(epochs=1, hidden=hidden, **QUIET)
+        train_head("experts", store, store, tax, plain, run, branch="B")

@@ -122,3 +122,58 @@ def test_dense_heads_and_build_head(tax: Taxonomy, hidden: int | None) -> None:
         build_head({**experts.config(), "n_classes": 3}, tax)
     with pytest.raises(ValueError, match="hidden"):
         RouterHead(7, 3, hidden=0)
+
+
+@pytest.mark.parametrize("hidden", [None, 6])
+def test_expert_heads_with_other(tax: Taxonomy, hidden: int | None) -> None:
+    torch.manual_seed(0)
+    model = ExpertHeads(8, tax, hidden=hidden, other=True).eval()
+    x = torch.randn(11, 8)
+    leaves, other = model.all_logits(x)
+    assert leaves.shape == (11, tax.n_leaves) and other.shape == (11, tax.n_level1)
+    torch.testing.assert_close(model(x), leaves)
+    torch.testing.assert_close(model.other_logits(x), other)
+    leaf_lp, other_lp = model.log_probs_with_other(x)
+    torch.testing.assert_close(model.log_probs(x), leaf_lp)
+    for b in range(tax.n_level1):  # single-leaf branch C too: its leaf vs other
+        s, e = int(tax.branch_start[b]), int(tax.branch_start[b + 1])
+        torch.testing.assert_close(leaf_lp[:, s:e].exp().sum(1) + other_lp[:, b].exp(), torch.ones(11))
+        both = model.branch_logits(x, b, include_other=True)
+        assert both.shape == (11, e - s + 1)
+        torch.testing.assert_close(both[:, :-1], leaves[:, s:e])
+        torch.testing.assert_close(both[:, -1], other[:, b])
+        torch.testing.assert_close(model.branch_logits(x, b), leaves[:, s:e])
+        ref = torch.log_softmax(torch.cat([leaves[:, s:e], other[:, b : b + 1]], 1), dim=1)
+        torch.testing.assert_close(leaf_lp[:, s:e], ref[:, :-1])
+        torch.testing.assert_close(other_lp[:, b], ref[:, -1])
+    # A temperature divides every logit, the other one included.
+    hot_leaf, hot_other = model.log_probs_with_other(x, temperature=2.0)
+    ref = torch.log_softmax(torch.cat([leaves[:, :5], other[:, :1]], 1) / 2.0, dim=1)
+    torch.testing.assert_close(hot_leaf[:, :5], ref[:, :-1])
+    torch.testing.assert_close(hot_other[:, 0], ref[:, -1])
+    # Training path unchanged: routed logits are leaf logits only.
+    routed = model.routed_logits(x, torch.zeros(11, dtype=torch.long))
+    torch.testing.assert_close(routed[:, :5], leaves[:, :5])
+
+
+def test_expert_heads_other_config_and_copy(tax: Taxonomy) -> None:
+    torch.manual_seed(0)
+    for hidden in (None, 6):
+        a, b = ExpertHeads(8, tax, hidden=hidden, other=True), ExpertHeads(8, tax, hidden=hidden, other=True)
+        assert a.config()["other"] is True
+        rebuilt = build_head(a.config(), tax)
+        assert isinstance(rebuilt, ExpertHeads) and rebuilt.other
+        assert set(rebuilt.state_dict()) == set(a.state_dict())
+        x = torch.randn(4, 8)
+        a.copy_branch_(b, 1)
+        torch.testing.assert_close(a.branch_logits(x, 1, include_other=True), b.branch_logits(x, 1, include_other=True))
+        assert not torch.allclose(a.other_logits(x)[:, 0], b.other_logits(x)[:, 0])
+    plain = ExpertHeads(8, tax)
+    assert plain.config()["other"] is False and plain.all_logits(torch.randn(2, 8))[1] is None
+    assert not any("other" in k for k in plain.state_dict())  # old checkpoints keep their keys
+    old = {k: v for k, v in plain.config().items() if k != "other"}  # a config saved before the option
+    assert build_head(old, tax).other is False
+    with pytest.raises(ValueError, match="no 'other' class"):
+        plain.branch_logits(torch.randn(2, 8), 0, include_other=True)
+    with pytest.raises(ValueError, match="no 'other' class"):
+        plain.other_logits(torch.randn(2, 8))

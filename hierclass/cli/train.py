@@ -77,7 +77,8 @@ def _train(
 
 
 def _train_command(kind: str, doc: str) -> None:
-    """Register ``hierclass train-KIND``; the three commands share every option but --branch (experts only)."""
+    """Register ``hierclass train-KIND``; the three commands share every option but --branch and --expert-other
+    (experts only)."""
 
     def train_cmd(
         train: FeaturesDir,
@@ -87,6 +88,14 @@ def _train_command(kind: str, doc: str) -> None:
         branch: Annotated[
             str | None, typer.Option(help="Retrain only this level-1 branch's expert inside RUN/experts.")
         ] = None,
+        expert_other: Annotated[
+            bool,
+            typer.Option(
+                "--expert-other",
+                help="Every expert also learns an 'other' class from the other branches' images, so routing "
+                "mistakes can be recovered at inference (costs about a flat head per step).",
+            ),
+        ] = _defaults.expert_other,
         epochs: Epochs = _defaults.epochs,
         lr: Lr = _defaults.lr,
         batch_size: BatchSize = _defaults.batch_size,
@@ -104,9 +113,10 @@ def _train_command(kind: str, doc: str) -> None:
 
     train_cmd.__doc__ = doc
     train_cmd.__name__ = f"train_{kind}"
-    # typer reads this signature: hide --branch where it means nothing (eval_str: resolved annotations)
+    # typer reads this signature: hide --branch and --expert-other where they mean nothing (eval_str: resolved
+    # annotations); the hidden ones keep their defaults.
     sig = inspect.signature(train_cmd, eval_str=True)
-    keep = [p for p in sig.parameters.values() if kind == "experts" or p.name != "branch"]
+    keep = [p for p in sig.parameters.values() if kind == "experts" or p.name not in ("branch", "expert_other")]
     train_cmd.__signature__ = sig.replace(parameters=keep)  # type: ignore[attr-defined]
     command(name=f"train-{kind}")(train_cmd)
 
