@@ -96,3 +96,32 @@ def test_wrong_shapes_are_refused(tmp_path: Path, tax: Taxonomy) -> None:
     (tmp_path / "ckpt" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="corrupt checkpoint"):
         load_model(tmp_path / "ckpt", tax)
+
+
+@pytest.mark.parametrize("hidden", [None, 4])
+def test_round_trip_experts_with_other(tmp_path: Path, tax: Taxonomy, hidden: int | None) -> None:
+    model = ExpertHeads(6, tax, hidden=hidden, other=True).eval()
+    save_model(tmp_path / "ckpt", model, meta_for("experts", tax))
+    loaded, meta = load_model(tmp_path / "ckpt", tax)
+    assert loaded.other and meta["head"]["other"] is True
+    x = torch.randn(5, 6)
+    for got, want in zip(loaded.all_logits(x), model.all_logits(x), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_loads_experts_saved_before_the_other_option(tmp_path: Path, tax: Taxonomy) -> None:
+    model = ExpertHeads(6, tax, hidden=4).eval()
+    save_model(tmp_path / "ckpt", model, meta_for("experts", tax))
+    meta_path = tmp_path / "ckpt" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["head"]["other"]  # what older versions wrote
+    meta_path.write_text(json.dumps(meta))
+    loaded, _ = load_model(tmp_path / "ckpt", tax)
+    assert loaded.other is False
+    x = torch.randn(5, 6)
+    assert torch.equal(loaded(x), model(x))
+    # A checkpoint with other=True but without its weights is refused as corrupt, in one line.
+    meta["head"]["other"] = True
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="corrupt checkpoint"):
+        load_model(tmp_path / "ckpt", tax)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,18 @@ def test_other_taxonomy_is_refused(setup: dict[str, str], tmp_path: Path) -> Non
     other.write_text(Path(setup["tax"]).read_text() + "99,BRANCH 9,m,l\n")
     result = runner.invoke(app, ["train-router", *args({**setup, "tax": str(other)})])
     assert result.exit_code == 1 and "labelled with taxonomy" in result.stderr
+
+
+def test_train_experts_with_other(setup: dict[str, str]) -> None:
+    run = Path(setup["run"]) / "run"
+    result = runner.invoke(app, ["train-experts", *args(setup, "--lr", "0.01", "--expert-other")])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((run / "experts" / "meta.json").read_text())
+    assert meta["head"]["other"] is True and meta["training"]["expert_other"] is True
+    result = runner.invoke(app, ["train-experts", *args(setup, "--branch", "BRANCH 1", "--expert-other")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["train-experts", *args(setup, "--branch", "BRANCH 1")])  # other-less retrain
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "--expert-other" in result.stderr
+    # router and flat have no such option
+    result = runner.invoke(app, ["train-flat", *args(setup, "--expert-other")])
+    assert result.exit_code == 2 and "No such option" in result.output

@@ -307,3 +307,107 @@ def test_predict_store_chunking_and_tta(tmp_path: Path) -> None:
     img_tta, _ = predict_store(clf, store, tta=True)
     both = (direct + clf.predict_proba(store.features("hflip")[rows])) / 2
     np.testing.assert_allclose(img_tta.confidence, both.max(1), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- experts with an other class
+# Branches A = {a0, a1}, B = {b0, b1}. Router: P(A) = .6, P(B) = .4 (a routing mistake for a B image).
+# Expert A over (a0, a1, other) = (.09, .01, .90): "not mine". Expert B over (b0, b1, other) = (.8, .1, .1).
+OTHER_ROWS = [(1, "A", "a", "a0"), (2, "A", "a", "a1"), (3, "B", "b", "b0"), (4, "B", "b", "b1")]
+
+
+def constant_heads(other: bool) -> tuple[Taxonomy, RouterHead, ExpertHeads]:
+    """Heads whose outputs ignore the features (zero weights; the logits are the biases)."""
+    tax = Taxonomy.from_rows(OTHER_ROWS)
+    router, experts = RouterHead(3, 2), ExpertHeads(3, tax, other=other)
+    with torch.no_grad():
+        router.net[-1].weight.zero_()
+        router.net[-1].bias.copy_(torch.log(torch.tensor([0.6, 0.4])))
+        experts.linear.weight.zero_()
+        experts.linear.bias.copy_(torch.log(torch.tensor([0.09, 0.01, 0.8, 0.1])))
+        if other:
+            experts.other_linear.weight.zero_()
+            experts.other_linear.bias.copy_(torch.log(torch.tensor([0.9, 0.1])))
+    return tax, router, experts
+
+
+def test_other_combination_recovers_a_routing_mistake_by_hand() -> None:
+    tax, router, experts = constant_heads(other=True)
+    x = np.random.default_rng(0).normal(size=(3, 3)).astype(np.float32)
+    # scores .6 x (.09, .01) and .4 x (.8, .1) = (.054, .006, .32, .04), normalised by their sum .42
+    expected = np.array([[0.054, 0.006, 0.32, 0.04]]) / 0.42
+    for combine, k in (("soft", 3), ("topk", 2)):
+        clf = HierarchicalClassifier(router, experts, tax, combine=combine, k=k)
+        assert clf.expert_other
+        np.testing.assert_allclose(clf.predict_proba(x), np.repeat(expected, 3, 0), atol=1e-6)
+        assert clf.predict(x).tolist() == [3, 3, 3]  # b0: recovered
+    # hard keeps the router's branch: the expert renormalised over its leaves (.9, .1)
+    hard = HierarchicalClassifier(router, experts, tax, combine="hard").predict_proba(x)
+    np.testing.assert_allclose(hard, np.repeat([[0.9, 0.1, 0.0, 0.0]], 3, 0), atol=1e-6)
+    # top-1 of topk is hard; the oracle renormalises within the given branch
+    top1 = HierarchicalClassifier(router, experts, tax, combine="topk", k=1).predict_proba(x)
+    np.testing.assert_allclose(top1, hard, atol=1e-6)
+    given = HierarchicalClassifier(router, experts, tax).proba_given_branch(x, np.array([1, 1, 0]))
+    np.testing.assert_allclose(given, [[0, 0, 0.8 / 0.9, 0.1 / 0.9]] * 2 + [[0.9, 0.1, 0, 0]], atol=1e-6)
+    # Without other, the same leaf logits give the naive two-stage answer: a0 (.6 x .9 = .54 > .4 x .89)
+    tax, router, naive = constant_heads(other=False)
+    assert HierarchicalClassifier(router, naive, tax).predict(x).tolist() == [1, 1, 1]
+
+
+def test_other_combination_underflow_and_temperature() -> None:
+    # Every expert sure it is "other" (P(leaf) ~ e^-200): the log-space combination still gives finite rows.
+    tax, router, experts = constant_heads(other=True)
+    with torch.no_grad():
+        experts.other_linear.bias.fill_(200.0)
+    x = np.zeros((2, 3), np.float32)
+    for combine in ("soft", "topk", "hard"):
+        p = HierarchicalClassifier(router, experts, tax, combine=combine, k=2).predict_proba(x)
+        assert np.isfinite(p).all()
+        np.testing.assert_allclose(p.sum(1), 1, atol=1e-5)
+    # the expert temperature divides the other logit too
+    tax, router, experts = constant_heads(other=True)
+    clf = HierarchicalClassifier(router, experts, tax, expert_temperature=2.0)
+    a = np.sqrt([0.09, 0.01, 0.9]) / np.sqrt([0.09, 0.01, 0.9]).sum()
+    b = np.sqrt([0.8, 0.1, 0.1]) / np.sqrt([0.8, 0.1, 0.1]).sum()
+    score = np.r_[0.6 * a[:2], 0.4 * b[:2]]
+    np.testing.assert_allclose(clf.predict_proba(x), np.repeat([score / score.sum()], 2, 0), atol=1e-6)
+
+
+@pytest.mark.parametrize("combine", ["soft", "topk", "hard"])
+def test_other_combination_is_batch_independent_and_topk_all_is_soft(combine: str) -> None:
+    tax = tree(5)
+    torch.manual_seed(0)
+    router, experts = RouterHead(8, tax.n_level1), ExpertHeads(8, tax, hidden=6, other=True)
+    x = np.random.default_rng(2).normal(size=(32, 8)).astype(np.float32)
+    ref = HierarchicalClassifier(router, experts, tax, combine=combine, k=2, batch_size=1000).predict_proba(x)
+    np.testing.assert_allclose(ref.sum(1), 1, atol=1e-5)
+    for bs in (1, 7):
+        p = HierarchicalClassifier(router, experts, tax, combine=combine, k=2, batch_size=bs).predict_proba(x)
+        np.testing.assert_allclose(p, ref, atol=1e-6)
+    perm = np.random.default_rng(3).permutation(32)[:20]
+    sub = HierarchicalClassifier(router, experts, tax, combine=combine, k=2, batch_size=8).predict_proba(x[perm])
+    np.testing.assert_allclose(sub, ref[perm], atol=1e-6)
+    soft = HierarchicalClassifier(router, experts, tax).predict_proba(x)
+    full = HierarchicalClassifier(router, experts, tax, combine="topk", k=tax.n_level1).predict_proba(x)
+    np.testing.assert_allclose(full, soft, atol=1e-6)
+
+
+def test_calibrate_with_other_fits_leaves_and_other_of_the_true_branch() -> None:
+    tax = tree(3)
+    torch.manual_seed(0)
+    router, experts = RouterHead(8, tax.n_level1), ExpertHeads(8, tax, other=True)
+    x = np.random.default_rng(4).normal(size=(300, 8)).astype(np.float32)
+    y = np.random.default_rng(5).integers(0, tax.n_leaves, 300)
+    y[:5] = -1
+    hier = HierarchicalClassifier(router, experts, tax).calibrate(x, y)
+    with torch.no_grad():
+        leaves, other = (t.numpy() for t in experts.all_logits(torch.from_numpy(x[5:])))
+    groups = []
+    for b in range(tax.n_level1):  # single-leaf branches included: leaf vs other
+        rows = np.flatnonzero(tax.leaf_level1[y[5:]] == b)
+        s, e = int(tax.branch_start[b]), int(tax.branch_start[b + 1])
+        groups.append((np.c_[leaves[rows, s:e], other[rows, b]], tax.leaf_local[y[5:][rows]]))
+    expected = fit_temperature(
+        np.concatenate([np.pad(z, ((0, 0), (0, 8 - z.shape[1])), constant_values=-np.inf) for z, _ in groups]),
+        np.concatenate([t for _, t in groups]),
+    )
+    assert hier.expert_temperature == pytest.approx(expected, rel=1e-3)
