@@ -8,6 +8,11 @@ and runs every phase in its own spawned process so each phase's peak memory is i
 * train the flat head, the router and the experts (``train_head``, same batch size and config);
 * predict a held-out simulated split with flat, hierarchical soft and hierarchical top-k.
 
+Every phase runs with ``--threads`` compute threads (default 1: ``torch.set_num_threads`` and
+the OpenMP/BLAS thread variables in the children's environment), so flat and hierarchical are
+timed under the same conditions and the benchmark leaves the other cores to other jobs; the
+1-minute load average is recorded just before and just after each phase.
+
 Per phase it records seconds per epoch (training, without the validation pass), images/s,
 peak RSS (``VmHWM``: anonymous memory plus the mapped feature pages), peak anonymous RSS
 (``RssAnon``, sampled every 50 ms) and peak file-backed RSS (``RssFile``: memmap pages, i.e.
@@ -15,8 +20,8 @@ page cache that the kernel can drop), and leaf top-1 on the held-out split. Trai
 measured at every ``--n``, inference at the largest. Results go to ``results.json`` and a
 Markdown table on stdout, with the linear extrapolation to the real 12,371,293 images.
 
-    .venv/bin/python benchmarks/scale.py --n 200000 1000000     # develop with --n 50000
-    .venv/bin/python benchmarks/scale.py --n 1000000 --heads router experts --no-infer   # no flat
+    .venv/bin/python benchmarks/scale.py --n 1000000             # develop with --n 50000
+    .venv/bin/python benchmarks/scale.py --n 200000 --no-infer  # training memory at a smaller N
 """
 
 from __future__ import annotations
@@ -97,9 +102,24 @@ def _taxonomy():
     return Taxonomy.from_csv(CDISCOUNT / "category_names.csv")
 
 
-def phase_train(kind: str, train_dir: str, val_dir: str, out_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Train one head; seconds per epoch without validation, images/s, memory."""
+def _threads(n: int) -> int:
+    import torch
+
+    torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def phase_train(
+    kind: str, train_dir: str, val_dir: str, out_dir: str, config: dict[str, Any], threads: int = 1
+) -> dict[str, Any]:
+    """Train one head; seconds per epoch without validation, images/s, memory.
+
+    ``val_acc`` is the validation top-1 of the head's own task: level-1 branch (router), leaf
+    (flat), leaf within the true branch (experts).
+    """
     import torch  # noqa: F401  (imported before the baseline so its memory is in start_rss)
+
+    threads = _threads(threads)
 
     from hierclass.engine import TrainConfig, train_head
     from hierclass.featurestore import FeatureStore
@@ -118,13 +138,16 @@ def phase_train(kind: str, train_dir: str, val_dir: str, out_dir: str, config: d
         "n_train": final["n_train"],
         "val_acc": round(final["val_acc"], 4),
         "epochs": final["epochs_run"],
+        "threads": threads,
         **mem.report(start),
     }
 
 
-def phase_infer(name: str, run_dir: str, test_dir: str) -> dict[str, Any]:
+def phase_infer(name: str, run_dir: str, test_dir: str, threads: int = 1) -> dict[str, Any]:
     """Predict the test store (``predict_store``, 8,192-image chunks); images/s of ``predict_proba``."""
     import torch  # noqa: F401
+
+    threads = _threads(threads)
 
     from hierclass.featurestore import FeatureStore
     from hierclass.inference import FlatClassifier, HierarchicalClassifier, predict_store
@@ -146,6 +169,7 @@ def phase_infer(name: str, run_dir: str, test_dir: str) -> dict[str, Any]:
         "wall_images_per_s": round(len(images) / wall),
         "leaf_top1": round(float((images.pred == images.leaf).mean()), 4),
         "level1_top1": round(float((tax.leaf_level1[images.pred] == tax.leaf_level1[images.leaf]).mean()), 4),
+        "threads": threads,
         **mem.report(start),
     }
 
@@ -177,9 +201,11 @@ def phase_write(out: str, n: int, seed: int, structure: dict[str, float]) -> dic
 
 
 def in_child(fn, *args) -> dict[str, Any]:
-    """Run ``fn(*args)`` in a fresh spawned process, so its peak memory is its own."""
+    """Run ``fn(*args)`` in a fresh spawned process, so its peak memory is its own; load average around it."""
+    before = _loadavg()
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         result = pool.submit(fn, *args).result()
+    result = {**result, "load_before": before, "load_after": _loadavg()}
     print(json.dumps(result), flush=True)
     return result
 
@@ -195,25 +221,50 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--test", type=int, default=50_000, help="held-out images for inference and leaf top-1")
     ap.add_argument("--val", type=int, default=10_000, help="validation images (the per-epoch pass of train_head)")
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--threads", type=int, default=1, help="compute threads of every phase (torch, OpenMP, BLAS)")
+    ap.add_argument(
+        "--structure",
+        type=float,
+        nargs=4,
+        metavar=("LEVEL1", "LEVEL2", "LEAF", "NOISE"),
+        help="per-component scales of the simulated features (default: simulate.Structure())",
+    )
     ap.add_argument("--out", type=Path, default=Path("/tmp/hierclass-scale"))
-    ap.add_argument("--heads", nargs="+", default=["flat", "router", "experts"], choices=["flat", "router", "experts"])
+    ap.add_argument(
+        "--heads",
+        nargs="*",
+        default=["flat", "router", "experts"],
+        choices=["flat", "router", "experts"],
+        help="heads to train (none: inference only, from the run directory's existing heads)",
+    )
     ap.add_argument("--no-infer", action="store_true", help="skip the inference phases")
+    ap.add_argument(
+        "--infer",
+        nargs="+",
+        default=["flat", "soft", "topk"],
+        choices=["flat", "soft", "topk"],
+        help="inference phases: flat, hierarchical soft, hierarchical top-k",
+    )
+    ap.add_argument("--results", default="results.json", help="file name of the results under --out")
     args = ap.parse_args(argv)
-    structure = asdict(Structure())
+    structure = asdict(Structure(*args.structure) if args.structure else Structure())
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(args.threads)  # inherited by the spawned phases, before they import torch
     config = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "patience": 0, "progress": False}
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "structure": structure}
     results["train_config"] = config
     results["load_before"] = _loadavg()
     results["cpus"] = os.cpu_count()
+    results["threads"] = args.threads
     rows: list[dict[str, Any]] = []
 
     def save() -> None:
         results["rows"] = rows
         results["load_after"] = _loadavg()
-        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        (args.out / args.results).write_text(json.dumps(results, indent=2))
 
     test_dir, val_dir = str(args.out / "test"), str(args.out / "val")
     rows.append(in_child(phase_write, test_dir, args.test, 1, structure))
@@ -225,16 +276,12 @@ def main(argv: list[str] | None = None) -> None:
             if (run_dir / kind / "log.jsonl").exists():
                 (run_dir / kind / "log.jsonl").unlink()  # a rerun logs afresh
             rows.append(
-                {
-                    "n": n,
-                    "load": _loadavg(),
-                    **in_child(phase_train, kind, train_dir, val_dir, str(run_dir / kind), config),
-                }
+                {"n": n, **in_child(phase_train, kind, train_dir, val_dir, str(run_dir / kind), config, args.threads)}
             )
             save()
     n = max(args.n)
-    for name in () if args.no_infer else ("flat", "hier soft", "hier topk"):
-        rows.append({"n": n, "load": _loadavg(), **in_child(phase_infer, name, str(args.out / f"run-{n}"), test_dir)})
+    for name in () if args.no_infer else [n if n == "flat" else f"hier {n}" for n in args.infer]:
+        rows.append({"n": n, **in_child(phase_infer, name, str(args.out / f"run-{n}"), test_dir, args.threads)})
         save()
     print(markdown(rows, n))
 
@@ -242,8 +289,9 @@ def main(argv: list[str] | None = None) -> None:
 def markdown(rows: list[dict[str, Any]], n_max: int) -> str:
     """The results table and the extrapolation of the training time to the real 12.4M images."""
     lines = [
-        "| N | phase | s/epoch | images/s | peak RSS MiB | peak anon MiB | peak file MiB | leaf top-1 | load |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| N | phase | s/epoch | images/s | peak RSS MiB | peak anon MiB | peak file MiB | val top-1 | "
+        "test leaf top-1 | test level-1 top-1 | load before/after |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         if "peak_rss_mib" not in r:
@@ -251,7 +299,8 @@ def markdown(rows: list[dict[str, Any]], n_max: int) -> str:
         lines.append(
             f"| {r.get('n', '')} | {r['phase']} | {r.get('seconds_per_epoch', '')} | {r['images_per_s']:,} | "
             f"{r['peak_rss_mib']:,} | {r['peak_anon_mib']:,} | {r['peak_file_mib']:,} | "
-            f"{r.get('leaf_top1', '')} | {'/'.join(map(str, r.get('load', [])))} |"
+            f"{r.get('val_acc', '')} | {r.get('leaf_top1', '')} | {r.get('level1_top1', '')} | "
+            f"{r['load_before'][0]} / {r['load_after'][0]} |"
         )
     train = {r["phase"]: r for r in rows if r.get("n") == n_max and "seconds_per_epoch" in r}
     if {"train flat", "train router", "train experts"} <= set(train):
