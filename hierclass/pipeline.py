@@ -23,6 +23,7 @@ from typing import Any
 
 from hierclass.checkpoint import read_meta
 from hierclass.engine import TrainConfig, train_head
+from hierclass.errors import HierclassError
 from hierclass.features import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, extract_features
 from hierclass.featurestore import FeatureStore, write_json_atomic
 from hierclass.inference import FlatClassifier, FusedClassifier, HierarchicalClassifier
@@ -122,6 +123,7 @@ def run_pipeline(
     run = work / "run"
     for kind in KINDS:
         if (run / kind / "meta.json").is_file():
+            check_reusable(run / kind, config.train_config(kind))
             log(f"[train {kind}] reusing {run / kind} (delete it to retrain)")
             timings[f"train {kind}"] = 0.0
             continue
@@ -150,6 +152,20 @@ def run_pipeline(
     md = write_report(report, work / "report")
     write_json_atomic(work / "timings.json", timings)
     return PipelineResult(report, md, timings, work)
+
+
+def check_reusable(head_dir: Path, train: TrainConfig) -> None:
+    """Refuse to reuse a trained head whose shape differs from what the config asks for."""
+    head = read_meta(head_dir)["head"]
+    wanted = {"hidden": train.hidden}
+    if head.get("kind") == "experts":
+        wanted["other"] = train.expert_other
+    saved = {key: head.get(key, False if key == "other" else None) for key in wanted}
+    if saved != wanted:
+        raise HierclassError(
+            f"{head_dir}: holds a head trained with {saved}, the config asks for {wanted}; "
+            "delete that folder to retrain it, or use another work folder"
+        )
 
 
 def pipeline_meta(config: PipelineConfig, run: Path) -> dict[str, Any]:

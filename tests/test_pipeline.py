@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from hierclass.cli import app
 from hierclass.data.synthetic import make_synthetic_catalogue
 from hierclass.engine import TrainConfig
+from hierclass.errors import HierclassError
 from hierclass.pipeline import PipelineConfig, run_pipeline, summary_rows
 
 TINY = dict(backbone="test_efficientnet", pretrained="none", image_size=32, engine="torch")
@@ -34,6 +35,12 @@ def test_pipeline_end_to_end_and_resume(tmp_path: Path, catalogue) -> None:
     again = run_pipeline(catalogue.train, catalogue.val, catalogue.taxonomy, tmp_path / "w", config, log=logs.append)
     assert again.timings["train flat"] == 0.0 and any("reusing" in line for line in logs)
     assert again.report["flat"]["leaf_top1"] == report["flat"]["leaf_top1"]
+    # ... but never a head of another shape than the config asks for
+    other = PipelineConfig(
+        **TINY, train=TrainConfig(epochs=2, progress=False), per_kind={"experts": {"expert_other": True}}
+    )
+    with pytest.raises(HierclassError, match="experts: holds a head trained with"):
+        run_pipeline(catalogue.train, catalogue.val, catalogue.taxonomy, tmp_path / "w", other, log=logs.append)
 
 
 def test_demo_command_labels_synthetic(tmp_path: Path) -> None:
