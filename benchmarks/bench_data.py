@@ -124,8 +124,10 @@ def bench_images(source_path: Path, work: Path, n_images: int, image_size: int, 
         cfg["input_size"] = (3, image_size, image_size)
         batches(ImageDataset(source, timm.data.create_transform(**cfg), ds.product_row, ds.image_number), None)
 
-    def no_resize() -> None:
-        batches(ImageDataset(source, None, ds.product_row, ds.image_number), None)
+    def no_resize() -> None:  # uint8 tensors at the stored size (which varies: nothing to stack)
+        plain = ImageDataset(source, None, ds.product_row, ds.image_number)
+        for i in range(len(plain)):
+            plain[i]
 
     loader = torch.utils.data.DataLoader(
         ds, batch_size=batch, num_workers=2, collate_fn=collate_images, persistent_workers=True, prefetch_factor=4
@@ -170,6 +172,7 @@ def main() -> None:
     parser.add_argument("--max-load", type=float, default=1.3, help="wait for a 1-minute load average below this")
     parser.add_argument("--wait", type=float, default=600, help="seconds to wait for it at most, per part")
     parser.add_argument("--parts", default="a,b", help="a: index; b: images (b and c)")
+    parser.add_argument("--image-sets", default="sample,fashion", help="dumps for (b, c): sample, fashion")
     args = parser.parse_args()
 
     sample = args.data / "cdiscount" / "train_example.bson"
@@ -191,7 +194,7 @@ def main() -> None:
             )
     if "b" in parts:
         print(f"\n(b, c) images/s, {args.images} random images, tf_efficientnet_lite0 at {args.image_size}px")
-        for path in (sample, fashion):
+        for path in [p for p, name in ((sample, "sample"), (fashion, "fashion")) if name in args.image_sets]:
             wait_for_idle(args.max_load, args.wait)
             r = bench_images(path, args.work, args.images, args.image_size, args.batch, args.repeat)
             print(
