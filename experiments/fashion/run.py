@@ -39,6 +39,8 @@ CONFIGS: dict[str, dict] = {
     # experts with an "other" class, so that a routing mistake can be recovered at inference
     "linear-other": {"train": LINEAR, "per_kind": OTHER},
     "mlp-other": {"train": MLP, "per_kind": OTHER},
+    # MLP router and flat head, linear experts with "other" (MLP experts on every sample cost ~6x more)
+    "mixed-other": {"train": MLP, "per_kind": {"experts": {"hidden": None, "dropout": 0.0, "expert_other": True}}},
 }
 
 
