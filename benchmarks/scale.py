@@ -102,6 +102,11 @@ def _taxonomy():
     return Taxonomy.from_csv(CDISCOUNT / "category_names.csv")
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _threads(n: int) -> int:
     import torch
 
@@ -128,7 +133,9 @@ def phase_train(
     start = _status_kib()
     with MemorySampler() as mem:
         train, val = FeatureStore.open(train_dir), FeatureStore.open(val_dir)
+        cpu0 = _cpu_seconds()
         final = train_head(kind, train, val, tax, TrainConfig(**config), out_dir)
+        cpu = _cpu_seconds() - cpu0
     logs = [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
     per_epoch = float(np.mean([r["train_seconds"] for r in logs]))
     return {
@@ -138,6 +145,7 @@ def phase_train(
         "n_train": final["n_train"],
         "val_acc": round(final["val_acc"], 4),
         "epochs": final["epochs_run"],
+        "cpu_s_per_epoch": round(cpu / final["epochs_run"], 1),  # all threads, incl. the validation pass
         "threads": threads,
         **mem.report(start),
     }
@@ -160,13 +168,14 @@ def phase_infer(name: str, run_dir: str, test_dir: str, threads: int = 1) -> dic
         else:
             clf = HierarchicalClassifier.from_run(run_dir, tax, combine=name.split()[-1])
         test = FeatureStore.open(test_dir)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
         images, _ = predict_store(clf, test)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
     return {
         "phase": f"infer {name}",
         "images_per_s": round(len(images) / images.seconds),
         "wall_images_per_s": round(len(images) / wall),
+        "cpu_images_per_s": round(len(images) / cpu),  # end to end, per CPU second
         "leaf_top1": round(float((images.pred == images.leaf).mean()), 4),
         "level1_top1": round(float((tax.leaf_level1[images.pred] == tax.leaf_level1[images.leaf]).mean()), 4),
         "threads": threads,
