@@ -64,3 +64,19 @@ def test_demo_command_labels_synthetic(tmp_path: Path) -> None:
 def test_demo_needs_all_three_paths(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["demo", "--train", str(tmp_path / "x.bson")])
     assert result.exit_code != 0
+
+
+def test_fashion_subset_is_stratified_and_reused(tmp_path: Path, catalogue) -> None:
+    from hierclass.cli.demo import fashion_subset
+    from hierclass.data import open_source
+
+    full = open_source(catalogue.train, cache_dir=tmp_path / "idx")
+    out = fashion_subset(catalogue.train, tmp_path / "sub" / "train.bson", 0.5)
+    sub = open_source(out, cache_dir=tmp_path / "idx")
+    assert 0 < len(sub) < len(full)
+    assert set(sub.product_ids.tolist()) <= set(full.product_ids.tolist())
+    for p in range(len(sub)):  # the same products, images and labels as in the full dump
+        q = int((full.product_ids == sub.product_ids[p]).nonzero()[0][0])
+        assert sub.category_ids[p] == full.category_ids[q] and sub.read_images(p) == full.read_images(q)
+    assert fashion_subset(catalogue.train, out, 0.5) == out  # written once, then reused
+    assert fashion_subset(catalogue.train, tmp_path / "x.bson", 1.0) == catalogue.train

@@ -18,7 +18,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from hierclass.data import open_source, split_products, write_dump
+from hierclass.data import open_source, products_of, split_products, write_dump
 from hierclass.engine import TrainConfig
 from hierclass.pipeline import PipelineConfig, format_table, run_pipeline, summary_rows
 
@@ -40,8 +40,7 @@ def main() -> None:
     train_rows, val_rows = split_products(source.category_ids, val_fraction=0.3, seed=0)
     args.work.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train_rows), ("val", val_rows)):
-        products = ((int(source.product_ids[p]), int(source.category_ids[p]), source.read_images(int(p))) for p in rows)
-        write_dump(args.work / f"{name}.bson", products)
+        write_dump(args.work / f"{name}.bson", products_of(source, rows))
     print(f"split: {len(train_rows)} train / {len(val_rows)} validation products")
 
     config = PipelineConfig(image_size=128, train=TrainConfig(epochs=5, patience=0))

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 
 from hierclass.cli.app import command
+from hierclass.data import open_source, products_of, split_products, write_dump
 from hierclass.data.synthetic import make_synthetic_catalogue
 from hierclass.features import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 from hierclass.pipeline import PipelineConfig, format_table, run_pipeline, summary_rows
@@ -26,6 +28,17 @@ def find_fashion() -> Path | None:
         if all((folder / f).is_file() for f in ("train.bson", "val.bson", "category_names.csv")):
             return folder
     return None
+
+
+def fashion_subset(src: Path, out: Path, share: float) -> Path:
+    """A stratified share of a dump's products, written once as a dump of its own (the dump itself if share is 1)."""
+    if share >= 1.0:
+        return src
+    if not out.exists():
+        source = open_source(src, cache_dir=out.parent / "index")
+        _, rows = split_products(source.category_ids, val_fraction=share, seed=0)
+        write_dump(out, products_of(source, np.sort(rows)))
+    return out
 
 
 @command(name="demo")
@@ -50,23 +63,27 @@ def demo(
     engine: Annotated[str, typer.Option(help="Feature extraction engine: onnx or torch.")] = "onnx",
     n_train: Annotated[int, typer.Option(help="Synthetic catalogue: training products.")] = 1200,
     n_val: Annotated[int, typer.Option(help="Synthetic catalogue: validation products.")] = 400,
+    fashion_share: Annotated[
+        float, typer.Option(min=0.01, max=1.0, help="Share of the Fashion products used (stratified by leaf).")
+    ] = 0.25,
 ) -> None:
     """Run features -> router + experts + flat -> report on real Fashion data or a synthetic catalogue."""
     if (train is None) != (val is None) or (train is None) != (taxonomy is None):
         raise typer.BadParameter("give --train, --val and --taxonomy together, or none of them")
-    label = "your data"
+    label, work = "your data", out / "run"
     if train is None:
         fashion = None if synthetic else find_fashion()
         if fashion is not None:
-            train, val, taxonomy, label = (
-                fashion / "train.bson",
-                fashion / "val.bson",
-                fashion / "category_names.csv",
-                "real Fashion catalogue",
-            )
+            taxonomy, label = fashion / "category_names.csv", "real Fashion catalogue"
+            if fashion_share < 1.0:
+                label += f" (a stratified {fashion_share:.0%} of its products, to run in minutes)"
+            work = out / f"fashion-{fashion_share:g}"  # one work folder per share: features are per dump
+            train = fashion_subset(fashion / "train.bson", work / "data" / "train.bson", fashion_share)
+            val = fashion_subset(fashion / "val.bson", work / "data" / "val.bson", fashion_share)
         else:
             cat = make_synthetic_catalogue(out / "synthetic-data", n_train=n_train, n_val=n_val)
             train, val, taxonomy, label = cat.train, cat.val, cat.taxonomy, "synthetic"
+            work = out / "synthetic"
     typer.echo(f"data: {label} ({train}, {val})")
     if label == "synthetic":
         typer.echo(SYNTHETIC_BANNER)
@@ -76,7 +93,7 @@ def demo(
         train,
         val,
         taxonomy,
-        out / ("synthetic" if label == "synthetic" else "run"),
+        work,
         config,
         report_meta={"data": label},
     )

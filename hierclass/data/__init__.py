@@ -23,6 +23,7 @@ from hierclass.data.sources import (
     ImageSource,
     import_catalogue,
     open_source,
+    products_of,
     write_dump,
 )
 from hierclass.data.splits import split_products
@@ -52,5 +53,6 @@ __all__ = [
     "split_products",
     "synthetic_products",
     "to_uint8_tensor",
+    "products_of",
     "write_dump",
 ]

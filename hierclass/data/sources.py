@@ -401,6 +401,12 @@ def write_dump(path: str | Path, products: Iterable[tuple[int, int | None, list[
     return count
 
 
+def products_of(source: ImageSource, rows: Iterable[int]) -> Iterator[tuple[int, int, list[bytes]]]:
+    """The products at ``rows`` of a source as ``(_id, category_id, [JPEG bytes])``, for :func:`write_dump`."""
+    for p in rows:
+        yield int(source.product_ids[p]), int(source.category_ids[p]), source.read_images(int(p))
+
+
 def as_jpeg(data: bytes, quality: int = 95) -> bytes | None:
     """``data`` itself if it is a JPEG, else the image re-encoded as JPEG; None if undecodable."""
     if data[:3] == b"\xff\xd8\xff":
