@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from hierclass.atomic import atomic_path
 from hierclass.errors import CheckpointError
 from hierclass.featurestore import write_json_atomic
 from hierclass.models.heads import build_head
@@ -103,12 +103,9 @@ def save_model(out_dir: str | Path, model: nn.Module, meta: Mapping[str, Any]) -
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = out_dir / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    with tmp.open("rb+") as f:
-        os.fsync(f.fileno())
-    sha = _sha256(tmp)
-    os.replace(tmp, out_dir / WEIGHTS)
+    with atomic_path(out_dir / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        sha = _sha256(tmp)
     full = {
         **dict(meta),
         "head": model.config(),

@@ -17,13 +17,13 @@ Readers use :attr:`FeatureStore.valid` to drop bad images.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hierclass.atomic import atomic_open
 from hierclass.errors import HierclassError
 
 FORMAT_VERSION = 1
@@ -43,12 +43,8 @@ def _view_file(view: str) -> str:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class FeatureStore:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hierclass.atomic import atomic_path
 from hierclass.errors import HierclassError
 
 INPUT, OUTPUT = "images", "features"
@@ -52,44 +53,40 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, 
     import onnx
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     model = model.eval()
     example = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation on every call
-            torch.onnx.export(
-                model,
-                (example,),
-                str(tmp),
-                dynamo=False,  # the torch.export-based exporter needs onnxscript, which we do not depend on
-                input_names=[INPUT],
-                output_names=[OUTPUT],
-                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-                opset_version=OPSET,
+    with atomic_path(path) as tmp:  # a failed export or check below removes the temporary file
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation on every call
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    str(tmp),
+                    dynamo=False,  # the torch.export-based exporter needs onnxscript, which we do not depend on
+                    input_names=[INPUT],
+                    output_names=[OUTPUT],
+                    dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+                    opset_version=OPSET,
+                )
+            graph = onnx.load(str(tmp))
+            entry = graph.metadata_props.add()
+            entry.key, entry.value = METADATA_KEY, json.dumps(stamp, sort_keys=True)
+            onnx.save(graph, str(tmp))
+        except Exception as e:  # the exporter raises many kinds; the user needs one line and the way out
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise OnnxExportError(f"{path}: ONNX export failed ({reason[:200]}); use --engine torch") from None
+        session = OnnxBackbone(tmp)
+        with torch.no_grad():
+            expected = model(example).numpy()
+        got = session(example.numpy())
+        del session
+        error = float(np.abs(got - expected).max() / max(float(np.abs(expected).max()), 1e-6))
+        if got.shape != expected.shape or error > TOLERANCE:
+            raise OnnxExportError(
+                f"{path}: the ONNX export disagrees with torch (relative error {error:.2e} > {TOLERANCE:g}); "
+                "use --engine torch"
             )
-        graph = onnx.load(str(tmp))
-        entry = graph.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, json.dumps(stamp, sort_keys=True)
-        onnx.save(graph, str(tmp))
-    except Exception as e:  # the exporter raises many kinds; the user needs one line and the way out
-        tmp.unlink(missing_ok=True)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise OnnxExportError(f"{path}: ONNX export failed ({reason[:200]}); use --engine torch") from None
-    session = OnnxBackbone(tmp)
-    with torch.no_grad():
-        expected = model(example).numpy()
-    got = session(example.numpy())
-    error = float(np.abs(got - expected).max() / max(float(np.abs(expected).max()), 1e-6))
-    if got.shape != expected.shape or error > TOLERANCE:
-        tmp.unlink(missing_ok=True)
-        raise OnnxExportError(
-            f"{path}: the ONNX export disagrees with torch (relative error {error:.2e} > {TOLERANCE:g}); "
-            "use --engine torch"
-        )
-    del session
-    os.replace(tmp, path)
     return path
 
 

@@ -35,9 +35,7 @@ Every top-level key but ``meta`` is a model, listed in ``meta.models``.
 from __future__ import annotations
 
 import csv
-import io
 import math
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from hierclass.atomic import atomic_open
 from hierclass.errors import CheckpointError
 from hierclass.featurestore import FeatureStore, FeatureStoreError, write_json_atomic
 from hierclass.inference import (
@@ -200,14 +199,9 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path) -> Path:
     write_json_atomic(out_dir / "report.json", report)
     plots = write_plots(report, out_dir)
     md = out_dir / "report.md"
-    _write_text_atomic(md, markdown(report, plots))
+    with atomic_open(md, "w", encoding="utf-8") as f:
+        f.write(markdown(report, plots))
     return md
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -606,15 +600,8 @@ def write_predictions(
     """Write the prediction CSV (see :func:`submission_rows`) atomically: a temporary file, then a rename."""
     path = Path(path)
     header, rows = submission_rows(products, taxonomy, topk=topk, abstain_threshold=abstain_threshold)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
     return path

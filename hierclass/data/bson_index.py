@@ -30,7 +30,6 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 from numba import njit
 from tqdm import tqdm
 
+from hierclass.atomic import atomic_open
 from hierclass.errors import DumpError
 
 INDEX_VERSION = 2
@@ -595,28 +595,19 @@ def save_index(index: BsonIndex, dump: str | Path, index_file: str | Path, stamp
     Raises:
         OSError: the folder is not writable.
     """
-    index_file = Path(index_file)
-    index_file.parent.mkdir(parents=True, exist_ok=True)
     report = asdict(index.report)
     report.pop("reused"), report.pop("index_file")
     meta = {"version": INDEX_VERSION, "stamp": list(stamp), "dump": str(dump), "report": report}
-    fd, tmp = tempfile.mkstemp(prefix=index_file.name + ".", suffix=".tmp", dir=index_file.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                meta=np.array(json.dumps(meta)),
-                offset=index.offset,
-                length=index.length.astype(np.int32),  # documents are < 2 GiB by the BSON spec
-                product_id=index.product_id,
-                category_id=index.category_id,
-                n_images=index.n_images.astype(np.int16),
-            )
-        os.replace(tmp, index_file)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(index_file, "wb") as f:
+        np.savez(
+            f,
+            meta=np.array(json.dumps(meta)),
+            offset=index.offset,
+            length=index.length.astype(np.int32),  # documents are < 2 GiB by the BSON spec
+            product_id=index.product_id,
+            category_id=index.category_id,
+            n_images=index.n_images.astype(np.int16),
+        )
 
 
 def build_index(

@@ -12,7 +12,6 @@ import contextlib
 import csv
 import io
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -20,6 +19,7 @@ from typing import Protocol, runtime_checkable
 import bson
 import numpy as np
 
+from hierclass.atomic import atomic_open
 from hierclass.data.bson_index import BsonIndex, IndexReport, build_index
 from hierclass.errors import DumpError
 
@@ -384,20 +384,11 @@ def write_dump(path: str | Path, products: Iterable[tuple[int, int | None, list[
     Returns:
         The number of products written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     count = 0
-    try:
-        with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-            for product_id, category_id, jpegs in products:
-                f.write(_encode(product_id, category_id, jpegs))
-                count += 1
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb", buffering=1 << 20) as f:
+        for product_id, category_id, jpegs in products:
+            f.write(_encode(product_id, category_id, jpegs))
+            count += 1
     return count
 
 
