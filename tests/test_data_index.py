@@ -39,8 +39,22 @@ def _dump(tmp_path: Path, *docs: bytes, name: str = "d.bson") -> Path:
     return path
 
 
+def _same_index_with_any_buffer(dump: Path, index, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read buffer's size changes nothing: documents cut by a refill, and documents larger than
+    the buffer (scanned through a memory map), give the same rows, counts, offsets and messages."""
+    for chunk in (16, 97, 1000):
+        with monkeypatch.context() as m:
+            m.setattr(bson_index, "_CHUNK", chunk)
+            other = scan_dump(dump, progress=False)
+        for name in ("offset", "length", "product_id", "category_id", "n_images"):
+            assert getattr(other, name).tolist() == getattr(index, name).tolist(), (chunk, name)
+        assert other.report == index.report, chunk
+
+
 # ---------------------------------------------------------------------- the real sample
-def test_real_sample_index(cdiscount_sample_bson: Path, cdiscount_taxonomy_csv: Path, tmp_path: Path) -> None:
+def test_real_sample_index(
+    cdiscount_sample_bson: Path, cdiscount_taxonomy_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     index = build_index(cdiscount_sample_bson, cache_dir=tmp_path, progress=False)
     r = index.report
     assert (r.n_products, r.n_images, r.n_categories) == (82, 110, 36)
@@ -52,6 +66,7 @@ def test_real_sample_index(cdiscount_sample_bson: Path, cdiscount_taxonomy_csv: 
     assert index.category_id.tolist() == [d["category_id"] for d in docs]
     assert index.n_images.tolist() == [len(d["imgs"]) for d in docs]
     assert int(index.offset[0]) == 0 and np.all(index.offset[1:] == index.offset[:-1] + index.length[:-1])
+    _same_index_with_any_buffer(cdiscount_sample_bson, scan_dump(cdiscount_sample_bson, progress=False), monkeypatch)
     tax = Taxonomy.from_csv(cdiscount_taxonomy_csv)
     assert (tax.encode(index.category_id, unknown=-1) >= 0).all()
 
@@ -154,13 +169,14 @@ def test_truncated_last_document(tmp_path: Path) -> None:
     ],
     ids=["below-minimum", "past-end", "stub", "no-final-zero"],
 )
-def test_bad_length_prefix(tmp_path: Path, tail: bytes, found: str) -> None:
+def test_bad_length_prefix(tmp_path: Path, tail: bytes, found: str, monkeypatch: pytest.MonkeyPatch) -> None:
     good = _doc(1)
     dump = _dump(tmp_path, good, tail, *([] if len(tail) < 4 else [_doc(2)]))
     index = scan_dump(dump, progress=False)
     assert index.product_id.tolist() == [1]
     assert index.report.stop_offset == len(good) and found in index.report.stop_reason
     assert index.report.unindexed_bytes == dump.stat().st_size - len(good)
+    _same_index_with_any_buffer(dump, index, monkeypatch)
 
 
 def test_documents_without_images_are_skipped_and_counted(tmp_path: Path) -> None:
@@ -189,13 +205,16 @@ def test_documents_without_images_are_skipped_and_counted(tmp_path: Path) -> Non
         ({"_id": 1, "imgs": [{"picture": b"x"}, 7]}, "imgs[1] is a type 0x10, not a document"),
     ],
 )
-def test_malformed_documents_are_skipped_and_counted(tmp_path: Path, doc: dict, found: str) -> None:
+def test_malformed_documents_are_skipped_and_counted(
+    tmp_path: Path, doc: dict, found: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bad = bson.encode(doc)
     dump = _dump(tmp_path, _doc(1), bad, _doc(2))
     index = scan_dump(dump, progress=False)
     assert index.product_id.tolist() == [1, 2]
     assert index.report.n_malformed == 1 and index.report.first_malformed_offset == len(_doc(1))
     assert found in index.report.first_malformed_reason
+    _same_index_with_any_buffer(dump, index, monkeypatch)
 
 
 def test_garbage_inside_a_well_framed_document(tmp_path: Path) -> None:
@@ -205,6 +224,20 @@ def test_garbage_inside_a_well_framed_document(tmp_path: Path) -> None:
     dump = _dump(tmp_path, good, bytes(broken), _doc(3))
     index = scan_dump(dump, progress=False)
     assert index.product_id.tolist() == [1, 3] and "unknown BSON element type" in index.report.first_malformed_reason
+
+
+def test_dump_shrinking_during_the_pass_is_a_dump_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dump = _dump(tmp_path, _doc(1), _doc(2))
+    real = os.fstat
+
+    class Grown:
+        def __init__(self, fd: int) -> None:
+            self.st_size = real(fd).st_size + 100  # as if 100 bytes went missing after the pass began
+
+    monkeypatch.setattr(bson_index.os, "fstat", Grown)
+    message = rf"^{dump}: read failed during indexing \(the file ended at byte \d+ of the \d+"
+    with pytest.raises(DumpError, match=message):
+        scan_dump(dump, progress=False)
 
 
 def test_missing_dump_is_a_dump_error(tmp_path: Path) -> None:
@@ -248,7 +281,7 @@ def test_field_running_past_its_document(tmp_path: Path) -> None:
     assert "field b'imgs' of 1000000 bytes runs past its document" in index.report.first_malformed_reason
 
 
-def test_random_damage_never_crashes_and_keeps_the_frame_chain(tmp_path: Path) -> None:
+def test_random_damage_never_crashes_and_keeps_the_frame_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The compiled scanner does no bounds checks of its own: flip, cut and overwrite bytes at random
     and check that it still stops cleanly, that the rows chain, and that every document it keeps is
     the product bson reads there."""
@@ -266,6 +299,8 @@ def test_random_damage_never_crashes_and_keeps_the_frame_chain(tmp_path: Path) -
             data = data[: int(rng.integers(0, len(data)))]
         dump = _dump(tmp_path, bytes(data), name=f"f{trial}.bson")
         index = scan_dump(dump, progress=False)
+        if trial % 3 == 0:
+            _same_index_with_any_buffer(dump, index, monkeypatch)
         r = index.report
         assert r.indexed_bytes + r.unindexed_bytes == len(data)
         ends = index.offset + index.length

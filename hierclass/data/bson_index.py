@@ -4,10 +4,12 @@ A dump is a file of concatenated BSON documents
 ``{_id: int, category_id: int, imgs: [{picture: <JPEG bytes>}, ...]}`` (test dumps have no
 ``category_id``). :func:`scan_dump` walks it once, reading each document's 4-byte length
 prefix and the headers of its elements, and skips the picture payloads by their length, so
-the work is per document, not per byte. The file is memory-mapped: the kernel reads ahead
-and the picture bytes are never copied into Python. The loop is compiled with numba (cached
-on disk after the first use), so it keeps up with a sequential read of the file: ~3 GB/s of
-2.4 KB documents on one core, where a Python loop managed ~0.5 GB/s.
+the work is per document, not per byte. The file is read sequentially in 1 MiB pieces into one
+reused buffer, which the loop walks while it is still in the CPU cache (a memory map of the
+whole file cost ~20% more on small documents, in page faults); a document larger than the
+buffer is walked through a memory map instead. The loop is compiled with numba (cached on
+disk after the first use), so the pass runs at the speed of a plain sequential read of the
+file (``benchmarks/bench_data.py``), where a Python loop managed ~0.5 GB/s.
 
 The result, a :class:`BsonIndex` (offset, length, product_id, category_id, n_images per
 product), is saved as ``<dump>.idx.npz`` beside the dump (or in a cache directory when the
@@ -148,15 +150,16 @@ class BsonIndex:
 
 
 # ---------------------------------------------------------------------- scanning
-# The pass is one compiled loop (numba) over the memory-mapped bytes: follow the length
+# The pass is one compiled loop (numba) over a buffer refilled by sequential reads: follow the length
 # prefixes from document to document, walk each document's element headers, skip values by
 # their length. It reports what it found as small integer codes; Python turns the first bad
 # frame and the first malformed document into messages (:func:`_stop_reason`, :func:`_malformed_reason`).
-_ROWS = 1 << 16  # products per call of the compiled loop (bounded memory between progress updates)
-_WINDOW = 1 << 26  # bytes per call of the compiled loop, at most
+_ROWS = 1 << 16  # products per call of the compiled loop, at most
+_CHUNK = 1 << 20  # bytes read per call: small enough that the loop finds them still in the CPU cache
 
 # Why the pass stopped (a broken frame), with one value: what the length prefix said, or the bytes left.
 _STOP_NONE, _STOP_STUB, _STOP_BELOW_MIN, _STOP_PAST_EOF, _STOP_NO_FINAL_ZERO = 0, 1, 2, 3, 4
+_STOP_MORE = 5  # not a stop: the next document is not wholly in the buffer
 
 # What a well-framed document is, with up to three values (a, b, c) locating the problem.
 _DOC_OK = 0
@@ -181,13 +184,13 @@ _NAME_PICTURE = np.frombuffer(b"picture", np.uint8)
 _PICTURE_HEADER = np.frombuffer(b"\x05picture\x00", np.uint8)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _i32(u8: np.ndarray, p: int) -> int:
     v = np.int64(u8[p]) | (np.int64(u8[p + 1]) << 8) | (np.int64(u8[p + 2]) << 16) | (np.int64(u8[p + 3]) << 24)
     return v - (np.int64(1) << 32) if v >= (np.int64(1) << 31) else v
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _u64(u8: np.ndarray, p: int) -> np.uint64:
     bits = np.uint64(0)
     for k in range(8):
@@ -195,7 +198,7 @@ def _u64(u8: np.ndarray, p: int) -> np.uint64:
     return bits
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _same(u8: np.ndarray, start: int, stop: int, name: np.ndarray) -> bool:
     if stop - start != len(name):
         return False
@@ -352,49 +355,126 @@ def _parse_document(u8: np.ndarray, off: int, end: int) -> tuple[int, int, int, 
     return _DOC_OK, pid, cid, n, 0, 0, 0
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _name_end(u8: np.ndarray, pos: int, last: int) -> int:
+    while pos < last and u8[pos] != 0:
+        pos += 1
+    return pos
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _parse_usual(u8: np.ndarray, off: int, end: int) -> tuple[int, int, int, int]:
+    """The usual layout, fast: ``_id``, ``category_id`` (int32 or int64) and ``imgs``, an array of documents
+    whose first field is the binary ``picture``, in any order, nothing else. ``(_DOC_OK, product_id,
+    category_id, n_images)``, or ``(-1, 0, 0, 0)`` for anything else (then :func:`_parse_document` decides)."""
+    pid, cid, n, has_id, has_imgs = np.int64(0), np.int64(-1), np.int64(0), False, False
+    pos, last = off + 4, end - 1
+    while pos < last:
+        t = u8[pos]
+        ne = _name_end(u8, pos + 1, last)
+        v = ne + 1
+        if t == 0x10 or t == 0x12:
+            if v + (4 if t == 0x10 else 8) > last:
+                return -1, 0, 0, 0
+            value = _i32(u8, v) if t == 0x10 else np.int64(_u64(u8, v))
+            if _same(u8, pos + 1, ne, _NAME_ID):
+                pid, has_id = value, True
+            elif _same(u8, pos + 1, ne, _NAME_CATEGORY):
+                cid = value
+            else:
+                return -1, 0, 0, 0
+            pos = v + (4 if t == 0x10 else 8)
+        elif t == 0x04 and not has_imgs and _same(u8, pos + 1, ne, _NAME_IMGS):
+            if v + 5 > last:
+                return -1, 0, 0, 0
+            size = _i32(u8, v)
+            array_last = v + size - 1
+            if size < MIN_DOC or array_last >= last or u8[array_last] != 0:
+                return -1, 0, 0, 0
+            p = v + 4
+            while p < array_last:
+                if u8[p] != 0x03:
+                    return -1, 0, 0, 0
+                v2 = _name_end(u8, p + 1, array_last) + 1
+                if v2 + 4 > array_last:
+                    return -1, 0, 0, 0
+                size2 = _i32(u8, v2)
+                if size2 < 13 or v2 + size2 > array_last or u8[v2 + size2 - 1] != 0:
+                    return -1, 0, 0, 0
+                if not _same(u8, v2 + 4, v2 + 13, _PICTURE_HEADER):
+                    return -1, 0, 0, 0
+                n += 1
+                p = v2 + size2
+            if p != array_last:
+                return -1, 0, 0, 0
+            has_imgs = True
+            pos = v + size
+        else:
+            return -1, 0, 0, 0
+    if pos != last or not has_id or n == 0:
+        return -1, 0, 0, 0
+    return _DOC_OK, pid, cid, n
+
+
 @njit(cache=True, nogil=True)
-def _scan_block(u8: np.ndarray, off: int, max_bytes: int, rows: np.ndarray, skipped: np.ndarray) -> tuple:
-    """Frame and parse the documents from byte ``off`` on, until ``max_bytes`` are passed, ``rows`` is
-    full, the file ends or a frame is broken.
+def _scan_block(
+    u8: np.ndarray, off: int, limit: int, rows: np.ndarray, skipped: np.ndarray, base: int, file_size: int
+) -> tuple:
+    """Frame and parse the documents of ``u8`` (bytes ``[base, base + len(u8))`` of the file) from
+    ``u8[off]`` on, until ``limit`` is passed, ``rows`` is full, the file ends, the next document is
+    not wholly in ``u8`` or a frame is broken.
 
     Args:
-        u8: the whole dump.
-        off: where a document starts.
-        max_bytes: stop at the first document boundary past ``off + max_bytes``.
-        rows: ``[cap, 5]`` int64, filled with (offset, length, product_id, category_id, n_images).
-        skipped: int64 ``[8]``, updated: documents without images, the first one's offset,
-            malformed documents, the first one's offset, then its code and values a, b, c.
+        u8: a buffer of the file, or the whole file (``base`` 0).
+        off: where a document starts, in ``u8``.
+        limit: stop at the first document boundary at or past ``u8[limit]``.
+        rows: ``[5, cap]`` int64, filled column by column with (offset, length, product_id, category_id,
+            n_images), offsets in the file.
+        skipped: int64 ``[8]``, updated: documents without images, the first one's file offset,
+            malformed documents, the first one's file offset, then its code and values a, b, c
+            (a byte position in a, b is one in ``u8``).
+        base: the file offset of ``u8[0]``.
+        file_size: the file's size.
 
     Returns:
-        ``(rows filled, offset reached, _STOP_* code, its value)``.
+        ``(rows filled, offset reached in u8, _STOP_* code, its value)``; ``_STOP_MORE`` asks for the
+        buffer to be refilled from ``off`` on (its value is the next document's length when known, else 0).
     """
-    size = len(u8)
-    limit = min(off + max_bytes, size)
+    have = len(u8)
     n = 0
-    while off < limit and n < len(rows):
-        left = size - off
+    while off < limit and n < rows.shape[1]:
+        left = file_size - (base + off)
+        if left == 0:
+            break
         if left < 4:
             return n, off, _STOP_STUB, left
+        if have - off < 4:
+            return n, off, _STOP_MORE, 0
         n_bytes = _i32(u8, off)
         if n_bytes < MIN_DOC:
             return n, off, _STOP_BELOW_MIN, n_bytes
         if n_bytes > left:
             return n, off, _STOP_PAST_EOF, n_bytes
+        if n_bytes > have - off:
+            return n, off, _STOP_MORE, n_bytes
         end = off + n_bytes
         if u8[end - 1] != 0:
             return n, off, _STOP_NO_FINAL_ZERO, n_bytes
-        code, pid, cid, k, a, b, c = _parse_document(u8, off, end)
+        code, pid, cid, k = _parse_usual(u8, off, end)
+        a, b, c = 0, 0, 0
+        if code < 0:
+            code, pid, cid, k, a, b, c = _parse_document(u8, off, end)
         if code == _DOC_OK:
-            rows[n, 0], rows[n, 1], rows[n, 2], rows[n, 3], rows[n, 4] = off, n_bytes, pid, cid, k
+            rows[0, n], rows[1, n], rows[2, n], rows[3, n], rows[4, n] = base + off, n_bytes, pid, cid, k
             n += 1
         elif code == _DOC_NO_IMAGES:
             skipped[0] += 1
             if skipped[1] < 0:
-                skipped[1] = off
+                skipped[1] = base + off
         else:
             skipped[2] += 1
             if skipped[3] < 0:
-                skipped[3], skipped[4], skipped[5], skipped[6], skipped[7] = off, code, a, b, c
+                skipped[3], skipped[4], skipped[5], skipped[6], skipped[7] = base + off, code, a, b, c
         off = end
     return n, off, _STOP_NONE, 0
 
@@ -414,15 +494,16 @@ def _stop_reason(code: int, value: int, left: int) -> str:
     return f"document of {value} bytes does not end with a 0 byte (bad length prefix)"
 
 
-def _malformed_reason(mm: mmap.mmap, code: int, a: int, b: int, c: int) -> str:
-    """What is wrong with a malformed document, from :func:`_parse_document`'s code and values."""
+def _malformed_reason(u8: np.ndarray, base: int, code: int, a: int, b: int, c: int) -> str:
+    """What is wrong with a malformed document, from :func:`_parse_document`'s code and values
+    (byte positions in ``u8``, which holds the file from offset ``base``)."""
     field_name = ("_id", "category_id")[a] if code in (_BAD_NOT_INTEGER, _BAD_FRACTIONAL) else ""
     if code == _BAD_NO_ID:
         return "no _id field"
     if code == _BAD_NOT_INTEGER:
         return f"{field_name} is a {_type_name(b)}, not an integer"
     if code == _BAD_FRACTIONAL:
-        return f"{field_name} is a double ({_F64.unpack_from(mm, b)[0]!r}), not an integer"
+        return f"{field_name} is a double ({_F64.unpack_from(u8, b)[0]!r}), not an integer"
     if code == _BAD_IMGS_NOT_ARRAY:
         return f"imgs is a {_type_name(b)}, not an array"
     if code == _BAD_IMAGE_NOT_DOCUMENT:
@@ -432,16 +513,16 @@ def _malformed_reason(mm: mmap.mmap, code: int, a: int, b: int, c: int) -> str:
     if code == _BAD_IMAGE_NO_PICTURE:
         return f"imgs[{a}] has no binary 'picture' field"
     if code == _BAD_UNKNOWN_TYPE:
-        return f"unknown BSON element type 0x{b:02x} at byte {a}"
+        return f"unknown BSON element type 0x{b:02x} at byte {base + a}"
     if code == _BAD_UNTERMINATED_NAME:
-        return f"unterminated field name at byte {a}"
+        return f"unterminated field name at byte {base + a}"
     if code == _BAD_FIELD_PAST_END:
-        name = mm[a:b]
+        name = u8[a:b].tobytes()
         if c < 0:
             return f"field {name!r} runs past its document"
         return f"field {name!r} of {c} bytes runs past its document"
     if code == _BAD_UNTERMINATED_REGEX:
-        return f"unterminated regex at byte {a}"
+        return f"unterminated regex at byte {base + a}"
     return "fields overrun the document's end"
 
 
@@ -456,48 +537,96 @@ def scan_dump(path: str | Path, *, progress: bool = True) -> BsonIndex:
         The index; ``index.report`` says what was skipped and where the pass stopped.
 
     Raises:
-        DumpError: the file is missing or unreadable.
+        DumpError: the file is missing or unreadable, or shrank during the pass.
     """
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 (closed below)
     except OSError as e:
         raise DumpError(f"{path}: cannot open the dump ({e.strerror}); check the path") from None
-    try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return _finish(path, size, np.zeros((0, 5), np.int64), 0, None, None, Counter(), [None, None])
-        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-    finally:
-        os.close(fd)
-    try:
-        with tqdm(total=size, unit="B", unit_scale=True, desc=path.name, disable=not progress, leave=False) as bar:
-            return _scan(path, mm, size, bar)
-    finally:
-        with contextlib.suppress(BufferError):  # an exception's traceback may still hold a view
-            mm.close()
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            with tqdm(total=size, unit="B", unit_scale=True, desc=path.name, disable=not progress, leave=False) as bar:
+                return _scan(path, f, size, bar)
+        except OSError as e:
+            raise DumpError(f"{path}: read failed during indexing ({e.strerror or e}); check the disk") from None
 
 
-def _scan(path: Path, mm: mmap.mmap, size: int, bar: tqdm) -> BsonIndex:
-    u8 = np.frombuffer(mm, dtype=np.uint8)
-    rows = np.empty((_ROWS, 5), np.int64)
-    skipped = np.array([0, -1, 0, -1, 0, 0, 0, 0], np.int64)
-    chunks: list[np.ndarray] = []
-    off, stop, value = 0, _STOP_NONE, 0
-    while off < size and stop == _STOP_NONE:
-        n, off, stop, value = _scan_block(u8, off, _WINDOW, rows, skipped)
-        chunks.append(rows[:n].copy())
-        bar.update(off - bar.n)
-    del u8  # release the buffer before the mmap closes
-    table = np.concatenate(chunks) if chunks else np.zeros((0, 5), np.int64)
-    stop_reason = _stop_reason(stop, value, size - off) if stop != _STOP_NONE else None
-    n_no_images, first_no_images, n_malformed, first_malformed, code, a, b, c = (int(x) for x in skipped)
+class _Pass:
+    """The state of one pass: the rows found so far and the first malformed document's reason."""
+
+    def __init__(self) -> None:
+        self.rows = np.empty((5, _ROWS), np.int64)
+        self.skipped = np.array([0, -1, 0, -1, 0, 0, 0, 0], np.int64)
+        self.chunks: list[np.ndarray] = []
+        self.malformed_reason: str | None = None
+
+    def run(self, u8: np.ndarray, off: int, limit: int, base: int, size: int) -> tuple[int, int, int]:
+        """:func:`_scan_block` until ``limit``, a stop or a refill; ``(offset reached, code, value)``."""
+        while True:
+            had_malformed = self.skipped[3] >= 0
+            n, off, stop, value = _scan_block(u8, off, limit, self.rows, self.skipped, base, size)
+            self.chunks.append(self.rows[:, :n].copy())
+            if not had_malformed and self.skipped[3] >= 0:  # the document is still in u8: say what is wrong
+                code, a, b, c = (int(x) for x in self.skipped[4:])
+                self.malformed_reason = _malformed_reason(u8, base, code, a, b, c)
+            if n < self.rows.shape[1] or stop != _STOP_NONE:
+                return off, stop, value
+
+
+def _scan(path: Path, f, size: int, bar: tqdm) -> BsonIndex:
+    """Read the dump in :data:`_CHUNK` pieces into one buffer and scan each; a document that does not
+    fit the buffer (rare: Cdiscount's are ~8 KB) is scanned where it lies through a memory map."""
+    buf = np.empty(_CHUNK, np.uint8)
+    view = memoryview(buf)
+    state = _Pass()
+    base, have, off, stop, value = 0, 0, 0, _STOP_NONE, 0
+    while base + off < size:
+        off, stop, value = state.run(buf[:have], off, have, base, size)
+        if stop not in (_STOP_NONE, _STOP_MORE):
+            break
+        base, have = base + off, have - off
+        buf[:have] = buf[off : off + have]  # keep the unfinished document
+        off = 0
+        if value > len(buf):  # a document larger than the buffer
+            end, stop, value = _scan_mapped(f, base, size, state)
+            if stop != _STOP_NONE:
+                break  # a broken frame at base (off is 0)
+            f.seek(end)  # the file position stays at base + have
+            base, have = end, 0
+        while have < len(buf) and base + have < size:
+            got = f.readinto(view[have:])
+            if not got:
+                raise OSError(0, f"the file ended at byte {base + have} of the {size} it had when the pass began")
+            have += got
+        bar.update(base - bar.n)
+    indexed = base + off
+    del buf, view
+    table = np.concatenate(state.chunks, axis=1) if state.chunks else np.zeros((5, 0), np.int64)
+    stop_reason = _stop_reason(stop, value, size - indexed) if stop not in (_STOP_NONE, _STOP_MORE) else None
+    n_no_images, first_no_images, n_malformed, first_malformed = (int(x) for x in state.skipped[:4])
     counts = Counter(no_images=n_no_images, malformed=n_malformed)
     firsts = [
         first_no_images if n_no_images else None,
-        (first_malformed, f"malformed document ({_malformed_reason(mm, code, a, b, c)})") if n_malformed else None,
+        (first_malformed, f"malformed document ({state.malformed_reason})") if n_malformed else None,
     ]
-    return _finish(path, size, table, off, stop_reason, off if stop_reason else None, counts, firsts)
+    return _finish(path, size, table, indexed, stop_reason, indexed if stop_reason else None, counts, firsts)
+
+
+def _scan_mapped(f, start: int, size: int, state: _Pass) -> tuple[int, int, int]:
+    """Scan the one document at file offset ``start`` through a memory map of the file (its length
+    prefix said it is larger than the read buffer); ``(file offset reached, code, value)``."""
+    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        u8 = np.frombuffer(mm, dtype=np.uint8)
+        try:
+            return state.run(u8, start, start + 1, 0, size)
+        finally:
+            del u8  # release the buffer before the map closes
+    finally:
+        with contextlib.suppress(BufferError):  # an exception's traceback may still hold a view
+            mm.close()
 
 
 def _finish(
@@ -510,8 +639,7 @@ def _finish(
     skipped: Counter,
     firsts: list,
 ) -> BsonIndex:
-    table = table if len(table) else np.zeros((0, 5), np.int64)
-    cols = [np.ascontiguousarray(table[:, k]) for k in range(5)]
+    cols = list(table)  # [5, N] C-contiguous: each row already is a contiguous column
     report = IndexReport(
         path=str(path),
         size_bytes=size,
