@@ -5,9 +5,11 @@
 (a) index build MB/s against a plain sequential read of the same file, both on a warm page
     cache (the file is read once before either is timed; best of --repeat runs each);
 (b) images/s of random-access read + JPEG decode + resize/crop to uint8 tensors (ImageDataset with
-    the model's EvalTransform), collated in batches and normalised to float per batch, in one
-    process, against a bare loop that only decodes the same JPEG bytes with Pillow; also the old
-    per-image timm float transform and the dataset without resize, for comparison;
+    the model's EvalTransform: simplejpeg decode per item, torch uint8 antialiased resize + crop per
+    batch in ImageDataset.collate), normalised to float per batch, in one process, against a bare
+    loop that only decodes the same JPEG bytes with Pillow; for comparison also a bare simplejpeg
+    decode loop, the previous path (one Pillow resize per image), timm's per-image float transform
+    and the dataset without resize;
 (c) the same through a DataLoader with 2 persistent worker processes (started and warmed up
     before timing), against (b) in one process.
 
@@ -28,10 +30,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 
-from hierclass.data import ImageDataset, collate_images, image_rows, open_source, resolve_transform, scan_dump
+from hierclass.data import ImageDataset, image_rows, open_source, resolve_transform, scan_dump
+from hierclass.data import to_uint8_tensor as to_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,18 +108,27 @@ def bench_images(source_path: Path, work: Path, n_images: int, image_size: int, 
     ds = ImageDataset(source, transform, product_row[pick], image_number[pick])
     jpegs = [source.read_images(int(product_row[i]))[int(image_number[i])] for i in pick]
 
-    def bare() -> None:
+    def bare() -> None:  # the goal's baseline
         for data in jpegs:
             Image.open(io.BytesIO(data)).convert("RGB")
 
+    def bare_simplejpeg() -> None:  # the fastest bare decode we know, for comparison
+        for data in jpegs:
+            simplejpeg.decode_jpeg(data, colorspace="RGB")
+
     def batches(dataset: ImageDataset, normalize) -> None:
         for start in range(0, len(dataset), batch):
-            images, _, _ = collate_images([dataset[i] for i in range(start, min(start + batch, len(dataset)))])
+            images, _, _ = dataset.collate([dataset[i] for i in range(start, min(start + batch, len(dataset)))])
             if normalize is not None:
                 normalize(images)
 
     def ours() -> None:
         batches(ds, transform.normalize)
+
+    def pillow_resize() -> None:  # before: one Pillow resize of the crop's box per image (same decode)
+        per_image = transform._one_by_pillow  # noqa: SLF001 (the filter fallback, as a per-image transform)
+        dataset = ImageDataset(source, lambda im: per_image(to_tensor(im)), ds.product_row, ds.image_number)
+        batches(dataset, transform.normalize)
 
     def timm_float() -> None:  # before: timm's per-image float transform (bicubic resize, to float, normalise)
         import timm.data
@@ -130,7 +143,7 @@ def bench_images(source_path: Path, work: Path, n_images: int, image_size: int, 
             plain[i]
 
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch, num_workers=2, collate_fn=collate_images, persistent_workers=True, prefetch_factor=4
+        ds, batch_size=batch, num_workers=2, collate_fn=ds.collate, persistent_workers=True, prefetch_factor=4
     )
 
     def workers() -> None:
@@ -139,8 +152,8 @@ def bench_images(source_path: Path, work: Path, n_images: int, image_size: int, 
 
     load = os.getloadavg()[0]
     ours()  # warm
-    t_bare, t_ours = best(bare, repeat), best(ours, repeat)
-    t_timm, t_plain = best(timm_float, 1), best(no_resize, 1)
+    t_bare, t_ours, t_sj = best(bare, repeat), best(ours, repeat), best(bare_simplejpeg, repeat)
+    t_timm, t_plain, t_pillow = best(timm_float, 1), best(no_resize, 1), best(pillow_resize, 1)
     workers()  # start the persistent workers
     t_workers = best(workers, repeat)
     return {
@@ -148,11 +161,15 @@ def bench_images(source_path: Path, work: Path, n_images: int, image_size: int, 
         "images": n_images,
         "load": (load + os.getloadavg()[0]) / 2,
         "bare_decode_ips": n_images / t_bare,
+        "bare_simplejpeg_ips": n_images / t_sj,
         "dataset_1proc_ips": n_images / t_ours,
+        "pillow_resize_ips": n_images / t_pillow,
         "timm_float_ips": n_images / t_timm,
         "dataset_1proc_no_resize_ips": n_images / t_plain,
         "dataloader_2workers_ips": n_images / t_workers,
         "ratio_1proc_vs_bare": t_bare / t_ours,
+        "ratio_1proc_vs_bare_simplejpeg": t_sj / t_ours,
+        "ratio_pillow_resize_vs_bare": t_bare / t_pillow,
         "ratio_timm_vs_bare": t_bare / t_timm,
         "ratio_no_resize_vs_bare": t_bare / t_plain,
         "ratio_2workers_vs_1proc": t_ours / t_workers,
@@ -200,6 +217,9 @@ def main() -> None:
             print(
                 f"{r['file']:20s} load {r['load']:.2f}  bare decode {r['bare_decode_ips']:5.0f}  "
                 f"dataset 1 proc {r['dataset_1proc_ips']:5.0f} (x{r['ratio_1proc_vs_bare']:.2f})  "
+                f"bare simplejpeg {r['bare_simplejpeg_ips']:5.0f} "
+                f"(dataset x{r['ratio_1proc_vs_bare_simplejpeg']:.2f})  "
+                f"Pillow resize/img {r['pillow_resize_ips']:5.0f} (x{r['ratio_pillow_resize_vs_bare']:.2f})  "
                 f"timm float {r['timm_float_ips']:5.0f} (x{r['ratio_timm_vs_bare']:.2f})  "
                 f"no resize {r['dataset_1proc_no_resize_ips']:5.0f} (x{r['ratio_no_resize_vs_bare']:.2f})  "
                 f"2 workers {r['dataloader_2workers_ips']:5.0f} (x{r['ratio_2workers_vs_1proc']:.2f} of 1 proc)"

@@ -68,7 +68,8 @@ def ort_spinning(on: bool):
 def model_only(backbone: str, pretrained: str, engine: str, image_size: int, batch_size: int, repeats: int) -> float:
     """Images/s of the backbone alone on one random batch (after a warm-up pass)."""
     extractor = FeatureExtractor(backbone, pretrained, engine=engine, image_size=image_size)
-    images = torch.randn(batch_size, 3, image_size, image_size)
+    pixels = torch.randint(0, 256, (batch_size, image_size, image_size, 3), dtype=torch.uint8)
+    images = pixels.permute(0, 3, 1, 2)  # uint8 channels last, as the datasets' collate gives
     extractor(images)
     start = time.perf_counter()
     for _ in range(repeats):

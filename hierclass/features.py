@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from hierclass.data import EvalTransform, ImageDataset, collate_images, image_rows, open_source, resolve_transform
+from hierclass.data import PREPROCESS, EvalTransform, ImageDataset, image_rows, open_source, resolve_transform
 from hierclass.featurestore import BAD, OK, FeatureStore, FeatureStoreError
 from hierclass.models.backbone import LITE0_MODEL, create_backbone, data_config, source_fingerprint
 from hierclass.onnx_runtime import OnnxBackbone, export_onnx, stamp_of
@@ -38,6 +38,7 @@ SETTINGS = (  # what must be equal for a feature folder to be resumed (or reused
     "pretrained",
     "pretrained_sha256",
     "data_config",
+    "preprocess",
     "engine",
     "views",
     "source_path",
@@ -71,7 +72,8 @@ class FeatureExtractor:
     Attributes:
         model: the torch backbone (eval).
         data_config: the preprocessing (input_size, mean, std, interpolation, crop_pct, crop_mode).
-        preprocess: the matching :class:`~hierclass.data.EvalTransform` (uint8 per image, normalised per batch).
+        preprocess: the matching :class:`~hierclass.data.EvalTransform` (uint8 resize and crop, then
+            normalisation, both per batch).
         dim: the feature size.
         stamp: backbone, weights and input size, stored in the ONNX file and the feature cache.
     """
@@ -97,6 +99,9 @@ class FeatureExtractor:
             "pretrained": str(pretrained),
             "pretrained_sha256": source_fingerprint(str(pretrained)),
             "input_size": list(self.data_config["input_size"]),
+            "input": "uint8 [B, H, W, 3], normalised in the graph",
+            "mean": list(self.data_config["mean"]),
+            "std": list(self.data_config["std"]),
         }
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._onnx: OnnxBackbone | None = None
@@ -106,26 +111,33 @@ class FeatureExtractor:
                 onnx_path = Path(self._tmp.name) / ONNX_FILE
             onnx_path = Path(onnx_path)
             if stamp_of(onnx_path) != self.stamp:
-                export_onnx(self.model, onnx_path, tuple(self.data_config["input_size"]), self.stamp)
+                size, mean, std = (self.data_config[k] for k in ("input_size", "mean", "std"))
+                export_onnx(self.model, onnx_path, tuple(size), self.stamp, tuple(mean), tuple(std))
             self._onnx = OnnxBackbone(onnx_path)
         else:
             self.model = self.model.to(memory_format=torch.channels_last)
 
     def transform(self) -> EvalTransform:
-        """The per-image preprocessing, PIL image -> uint8 tensor ``[3, H, W]``, matching :attr:`data_config`."""
+        """The preprocessing matching :attr:`data_config`: give it to an ImageDataset, whose ``collate``
+        then yields the uint8 batches ``[B, 3, H, W]`` this extractor takes."""
         return self.preprocess
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
-        """Features ``[B, dim]`` (float32) of images ``[B, 3, H, W]``: uint8 from :meth:`transform`
-        (normalised here, once for the batch), or float already normalised."""
+        """Features ``[B, dim]`` (float32) of images ``[B, 3, H, W]``: uint8, as the datasets' collate
+        gives them (normalised with the model), or, for the torch engine only, float already normalised."""
         expected = tuple(self.data_config["input_size"])
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must be [B, {', '.join(map(str, expected))}], got {list(images.shape)}")
         images = images.detach().cpu()
+        if self._onnx is not None:
+            if images.dtype != torch.uint8:
+                raise ValueError(
+                    f"the onnx engine takes uint8 images (from the dataset's collate), got {images.dtype}; "
+                    "pass the uint8 batch, or use engine='torch' for normalised float input"
+                )
+            return self._onnx(images.permute(0, 2, 3, 1).numpy())  # no copy for a channels-last batch
         with torch.inference_mode():
             x = self.preprocess.normalize(images) if images.dtype == torch.uint8 else images.float()
-            if self._onnx is not None:
-                return self._onnx(x.numpy())
             return self.model(x.contiguous(memory_format=torch.channels_last)).float().numpy()
 
 
@@ -196,6 +208,7 @@ def extract_features(
         "pretrained": str(pretrained),
         "pretrained_sha256": source_fingerprint(str(pretrained)),
         "data_config": _data_config(model, image_size, crop_pct),
+        "preprocess": PREPROCESS,
         "engine": engine.value,
         "views": list(views),
         "source_path": str(source_path),
@@ -241,7 +254,7 @@ def extract_features(
             batch_size=batch_size,
             shuffle=False,
             num_workers=workers,
-            collate_fn=collate_images,
+            collate_fn=dataset.collate,  # decoded images resized and cropped per batch, in the workers
             persistent_workers=False,
         )
         written = bad = 0
@@ -249,8 +262,8 @@ def extract_features(
         batches = iter(loader)
         with tqdm(total=len(pending), unit="img", desc="features", disable=not progress, smoothing=0.1) as bar:
             while True:
-                # Decoding in this process (workers=0) runs torch ops on one small image at a time, where
-                # intra-op threads only add synchronisation (several times slower on 2 busy cores).
+                # Decoding in this process (workers=0): one thread, as in a DataLoader worker (intra-op
+                # threads on small per-image ops only added synchronisation on 2 busy cores).
                 with _torch_threads(1):
                     batch = next(batches, None)
                 if batch is None:

@@ -40,11 +40,22 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, int], stamp: dict[str, Any]) -> Path:
-    """Export ``model`` (eval, float32) to ``path`` with a dynamic batch axis, and check it.
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    input_size: tuple[int, int, int],
+    stamp: dict[str, Any],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> Path:
+    """Export ``model`` (eval, float32) behind its input normalisation to ``path``, with a dynamic batch
+    axis, and check it.
 
-    The file is written beside ``path`` and renamed into place, so a killed export never
-    leaves half a file. ``stamp`` (JSON) is stored in the model's metadata and compared by
+    The graph takes what the datasets' collate gives, uint8 pixels, channels last ``[B, H, W, 3]``, and
+    does the float conversion and the ``mean``/``std`` normalisation itself (in ONNX Runtime's
+    threads, where torch's single-threaded uint8 -> float conversion cost more per image than
+    decoding it). The file is written beside ``path`` and renamed into place, so a killed export
+    never leaves half a file. ``stamp`` (JSON) is stored in the model's metadata and compared by
     :func:`stamp_of` before the file is reused.
 
     Raises:
@@ -53,8 +64,9 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, 
     import onnx
 
     path = Path(path)
-    model = model.eval()
-    example = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+    model = Uint8Input(model, mean, std).eval()  # eval() on the wrapper: the exporter restores its mode on all
+    c, h, w = input_size
+    example = torch.randint(0, 256, (2, h, w, c), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with atomic_path(path) as tmp:  # a failed export or check below removes the temporary file
         try:
             with warnings.catch_warnings(), torch.no_grad():
@@ -88,6 +100,19 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, int, 
                 "use --engine torch"
             )
     return path
+
+
+class Uint8Input(nn.Module):
+    """``model`` behind its input normalisation: uint8 ``[B, H, W, 3]`` -> ``model((x / 255 - mean) / std)``."""
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("scale", torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, -1, 1, 1))
+        self.register_buffer("shift", torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.permute(0, 3, 1, 2).float() * self.scale + self.shift)
 
 
 def stamp_of(path: str | Path) -> dict[str, Any] | None:
@@ -132,5 +157,5 @@ class OnnxBackbone:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        """Features ``[B, dim]`` (float32) of preprocessed images ``[B, 3, H, W]`` (float32)."""
-        return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(images, dtype=np.float32)})[0]
+        """Features ``[B, dim]`` (float32) of uint8 images, channels last ``[B, H, W, 3]``."""
+        return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(images, dtype=np.uint8)})[0]

