@@ -296,7 +296,7 @@ class EvalTransform:
     def batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """Resize and centre-crop decoded images (uint8 ``[3, H, W]`` each) into one uint8 batch
         ``[B, 3, *size]``, stored channels last (what the backbones take; no transposing copy)."""
-        out = torch.empty((len(images), 3, *self.size), dtype=torch.uint8, memory_format=torch.channels_last)
+        out = _batch_tensor(len(images), *self.size)
         if not (self._geometric and self.interpolation in _TORCH_FILTERS):
             for k, image in enumerate(images):
                 out[k] = self._one_by_pillow(image)
@@ -315,7 +315,7 @@ class EvalTransform:
             top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
             crop = x[:, :, top : top + ch, left : left + cw]
             if len(members) == len(images):
-                return crop.contiguous(memory_format=torch.channels_last)
+                return out.copy_(crop)
             out.index_copy_(0, torch.tensor(members), crop)
         return out
 
@@ -340,6 +340,16 @@ class EvalTransform:
         scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=torch.float32).view(1, 3, 1, 1)
         shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std, strict=True)]).view(1, 3, 1, 1)
         return torch.addcmul(shift.float(), images.float(), scale)
+
+
+def _batch_tensor(n: int, height: int, width: int) -> torch.Tensor:
+    """An uninitialised uint8 batch ``[n, 3, height, width]`` stored channels last; in a DataLoader
+    worker it is allocated in shared memory, as torch's default collate does, so that handing it to
+    the main process does not copy it again."""
+    pixels = torch.empty((n, height, width, 3), dtype=torch.uint8)
+    if torch.utils.data.get_worker_info() is not None:
+        pixels.share_memory_()
+    return pixels.permute(0, 3, 1, 2)
 
 
 _TORCH_FILTERS = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest-exact"}
