@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from hierclass.atomic import atomic_path
+from hierclass.data.datasets import normalisation
 from hierclass.errors import HierclassError
 
 INPUT, OUTPUT = "images", "features"
@@ -108,8 +109,9 @@ class Uint8Input(nn.Module):
     def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         self.model = model
-        self.register_buffer("scale", torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, -1, 1, 1))
-        self.register_buffer("shift", torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(1, -1, 1, 1))
+        scale, shift = normalisation(mean, std)
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.permute(0, 3, 1, 2).float() * self.scale + self.shift)

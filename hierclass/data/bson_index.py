@@ -226,15 +226,21 @@ def _fixed_size(t: int) -> int:
     return -1
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _name_end(u8: np.ndarray, pos: int, last: int) -> int:
+    """Where the field name starting at ``pos`` ends (its 0 byte), or ``last`` if it runs that far."""
+    while pos < last and u8[pos] != 0:
+        pos += 1
+    return pos
+
+
 @njit(cache=True, nogil=True)
 def _element(u8: np.ndarray, pos: int, end: int) -> tuple[int, int, int, int, int, int, int, int]:
     """The element at ``pos`` of the document ending at ``end``:
     ``(type, name_end, value_start, value_size, error, a, b, c)``; ``error`` is 0 or a ``_BAD_*`` code."""
     last = end - 1
     t = np.int64(u8[pos])
-    ne = pos + 1
-    while ne < last and u8[ne] != 0:
-        ne += 1
+    ne = _name_end(u8, pos + 1, last)
     if ne >= last:
         return t, ne, 0, 0, _BAD_UNTERMINATED_NAME, pos, 0, 0
     v = ne + 1
@@ -353,13 +359,6 @@ def _parse_document(u8: np.ndarray, off: int, end: int) -> tuple[int, int, int, 
     if n == 0:
         return _DOC_NO_IMAGES, pid, cid, 0, 0, 0, 0
     return _DOC_OK, pid, cid, n, 0, 0, 0
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _name_end(u8: np.ndarray, pos: int, last: int) -> int:
-    while pos < last and u8[pos] != 0:
-        pos += 1
-    return pos
 
 
 @njit(cache=True, nogil=True, inline="always")

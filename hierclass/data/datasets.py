@@ -282,6 +282,11 @@ class EvalTransform:
         new_long = int(sh * long / short)
         return (sh, new_long) if width <= height else (new_long, sh)
 
+    def placement(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """``(width, height)`` after the resize step, and the ``(top, left)`` of the centre crop in it."""
+        nw, nh = self.resized_size(width, height)
+        return nw, nh, int(round((nh - self.size[0]) / 2.0)), int(round((nw - self.size[1]) / 2.0))
+
     def draft_size(self, width: int, height: int) -> tuple[int, int] | None:
         """The size a JPEG may be decoded at (see :func:`decode_image`), or None to decode it whole."""
         if not (self.draft and self._geometric):
@@ -308,11 +313,10 @@ class EvalTransform:
         for (h, w), members in by_size.items():
             # [n, H, W, 3] viewed as [n, 3, H, W]: channels last, the layout torch's uint8 SIMD kernel takes
             x = torch.stack([images[k].permute(1, 2, 0) for k in members]).permute(0, 3, 1, 2)
-            nw, nh = self.resized_size(w, h)
+            nw, nh, top, left = self.placement(w, h)
             if (nh, nw) != (h, w):
                 mode = _TORCH_FILTERS[self.interpolation]
                 x = torch.nn.functional.interpolate(x, size=(nh, nw), mode=mode, antialias=mode != "nearest-exact")
-            top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
             crop = x[:, :, top : top + ch, left : left + cw]
             if len(members) == len(images):
                 return out.copy_(crop)
@@ -328,8 +332,7 @@ class EvalTransform:
         if not self._geometric:
             return _timm_uint8_steps(self)(pil)
         ch, cw = self.size
-        nw, nh = self.resized_size(pil.width, pil.height)
-        top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
+        nw, nh, top, left = self.placement(pil.width, pil.height)
         fx, fy = pil.width / nw, pil.height / nh
         box = (left * fx, top * fy, (left + cw) * fx, (top + ch) * fy)  # only the kept pixels are computed
         return to_uint8_tensor(pil.resize((cw, ch), _PIL_FILTERS[self.interpolation], box=box))
@@ -337,9 +340,15 @@ class EvalTransform:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """A batch ``[B, 3, H, W]`` of uint8 images as the model's normalised float32 input (the ONNX
         engine does this inside its graph instead, see :class:`~hierclass.onnx_runtime.Uint8Input`)."""
-        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=torch.float32).view(1, 3, 1, 1)
-        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std, strict=True)]).view(1, 3, 1, 1)
-        return torch.addcmul(shift.float(), images.float(), scale)
+        scale, shift = normalisation(self.mean, self.std)
+        return torch.addcmul(shift, images.float(), scale)
+
+
+def normalisation(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)``, float32 ``[1, C, 1, 1]``, such that ``uint8 * scale + shift == (x / 255 - mean) / std``."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, -1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32).view(1, -1, 1, 1)
+    return scale, shift
 
 
 def _batch_tensor(n: int, height: int, width: int) -> torch.Tensor:
