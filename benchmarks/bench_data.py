@@ -12,7 +12,8 @@
     float normalisation per batch (the torch engine's path), the previous path (one Pillow resize per
     image), timm's per-image float transform and the dataset without resize;
 (c) the same through a DataLoader with 2 persistent worker processes (started and warmed up
-    before timing), against (b) in one process.
+    before timing), against (b) in one process, timed in turn round after round; with torch's
+    default sharing strategy (file_descriptor) and with file_system.
 
 Timings are only meaningful on an idle machine: --max-load waits (up to --wait seconds) until the
 1-minute load average is below it before each part, and every line prints the load it ran at.
@@ -146,21 +147,31 @@ def bench_images(source_path: Path, work: Path, n_images: int, image_size: int, 
         for i in range(len(plain)):
             plain[i]
 
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch, num_workers=2, collate_fn=ds.collate, persistent_workers=True, prefetch_factor=4
-    )
+    def loader(strategy: str):  # 2 persistent workers, started (and warmed up) before timing
+        torch.multiprocessing.set_sharing_strategy(strategy)  # how workers hand batches over; read at fork
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch, num_workers=2, collate_fn=ds.collate, persistent_workers=True, prefetch_factor=4
+        )
 
-    def workers() -> None:
-        for _batch in loader:  # uint8 batches; the ONNX engine normalises inside its graph
-            pass
+        def workers() -> None:
+            for _batch in loader:  # uint8 batches; the ONNX engine normalises inside its graph
+                pass
+
+        workers()
+        torch.multiprocessing.set_sharing_strategy(default_strategy)
+        return workers
 
     load = os.getloadavg()[0]
     ours()  # warm
-    t_bare, t_ours, t_sj = best(bare, repeat), best(ours, repeat), best(bare_simplejpeg, repeat)
+    t_bare, t_sj = best(bare, repeat), best(bare_simplejpeg, repeat)
     t_timm, t_plain, t_pillow = best(timm_float, 1), best(no_resize, 1), best(pillow_resize, 1)
     t_float = best(ours_float, 1)
-    workers()  # start the persistent workers
-    t_workers = best(workers, repeat)
+    # (c): one process and the two loaders in turn, round after round, so that a slow spell of a
+    # shared host falls on all three alike; best of the rounds for each
+    default_strategy = torch.multiprocessing.get_sharing_strategy()
+    fd_workers, fs_workers = loader(default_strategy), loader("file_system")
+    rounds = [(best(ours, 1), best(fd_workers, 1), best(fs_workers, 1)) for _ in range(repeat)]
+    t_ours, t_workers, t_workers_fs = (min(column) for column in zip(*rounds, strict=True))
     return {
         "file": source_path.name,
         "images": n_images,
@@ -173,6 +184,8 @@ def bench_images(source_path: Path, work: Path, n_images: int, image_size: int, 
         "timm_float_ips": n_images / t_timm,
         "dataset_1proc_no_resize_ips": n_images / t_plain,
         "dataloader_2workers_ips": n_images / t_workers,
+        "dataloader_2workers_file_system_ips": n_images / t_workers_fs,
+        "sharing_strategy": default_strategy,
         "ratio_1proc_vs_bare": t_bare / t_ours,
         "ratio_1proc_vs_bare_simplejpeg": t_sj / t_ours,
         "ratio_pillow_resize_vs_bare": t_bare / t_pillow,
@@ -180,6 +193,7 @@ def bench_images(source_path: Path, work: Path, n_images: int, image_size: int, 
         "ratio_timm_vs_bare": t_bare / t_timm,
         "ratio_no_resize_vs_bare": t_bare / t_plain,
         "ratio_2workers_vs_1proc": t_ours / t_workers,
+        "ratio_2workers_file_system_vs_1proc": t_ours / t_workers_fs,
         "image_size": image_size,
     }
 
@@ -230,7 +244,10 @@ def main() -> None:
                 f"Pillow resize/img {r['pillow_resize_ips']:5.0f} (x{r['ratio_pillow_resize_vs_bare']:.2f})  "
                 f"timm float {r['timm_float_ips']:5.0f} (x{r['ratio_timm_vs_bare']:.2f})  "
                 f"no resize {r['dataset_1proc_no_resize_ips']:5.0f} (x{r['ratio_no_resize_vs_bare']:.2f})  "
-                f"2 workers {r['dataloader_2workers_ips']:5.0f} (x{r['ratio_2workers_vs_1proc']:.2f} of 1 proc)"
+                f"2 workers {r['dataloader_2workers_ips']:5.0f} (x{r['ratio_2workers_vs_1proc']:.2f} of 1 proc; "
+                f"{r['sharing_strategy']})  "
+                f"2 workers {r['dataloader_2workers_file_system_ips']:5.0f} "
+                f"(x{r['ratio_2workers_file_system_vs_1proc']:.2f}; file_system)"
             )
 
 

@@ -269,7 +269,7 @@ def extract_features(
                 if batch is None:
                     break
                 images, good, failed = batch
-                good_rows, bad_rows = pending[good.numpy()], pending[failed.numpy()]
+                good_rows, bad_rows = pending[good], pending[failed]
                 if len(good_rows):
                     batch = torch.cat([images, images.flip(-1)]) if hflip else images
                     values = _to_float16(extractor(batch), out)

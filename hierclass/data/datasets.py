@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,7 +153,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return _load(data, self.transform), int(i)
 
     @property
-    def collate(self) -> Callable[[list[tuple[torch.Tensor | None, int]]], tuple[torch.Tensor, ...]]:
+    def collate(self) -> Callable[[list[tuple[torch.Tensor | None, int]]], tuple[torch.Tensor, np.ndarray, np.ndarray]]:
         """The ``collate_fn`` for a DataLoader over this dataset (picklable: runs in the workers)."""
         return functools.partial(collate_images, transform=_batched(self.transform))
 
@@ -173,20 +173,27 @@ def _load(data: bytes, transform: EvalTransform | Transform | None) -> torch.Ten
 
 def collate_images(
     batch: list[tuple[torch.Tensor | None, int]], transform: EvalTransform | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Stack the good images of a batch (resized and cropped by ``transform.batch`` if given) and
     report the bad ones.
 
+    The item indices are numpy arrays, not tensors: from a DataLoader worker they then travel
+    inside the pickled batch, where each tensor would cost a shared-memory segment of its own and
+    a file-descriptor handshake with the main process (see ``benchmarks/README.md``, part c).
+
     Returns:
-        ``(images [B_good, 3, H, W], index of the good items, index of the bad items)``;
-        when every image is bad, ``images`` is an empty ``[0, 3, 0, 0]`` tensor.
+        ``(images [B_good, 3, H, W], index of the good items, index of the bad items)``, the
+        indices int64; when every image is bad, ``images`` is an empty ``[0, 3, 0, 0]`` tensor.
     """
     good = [(t, i) for t, i in batch if t is not None]
-    bad = torch.tensor([i for t, i in batch if t is None], dtype=torch.long)
+    bad = _indices(i for t, i in batch if t is None)
     if not good:
-        return torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), bad
-    images = _stack([t for t, _ in good], transform)
-    return images, torch.tensor([i for _, i in good], dtype=torch.long), bad
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8), _indices(()), bad
+    return _stack([t for t, _ in good], transform), _indices(i for _, i in good), bad
+
+
+def _indices(values: Iterable[int]) -> np.ndarray:
+    return np.fromiter(values, dtype=np.int64)
 
 
 def _stack(images: Sequence[torch.Tensor], transform: EvalTransform | None) -> torch.Tensor:
@@ -210,22 +217,23 @@ class ProductDataset(torch.utils.data.Dataset):
         return [im for im in images if im is not None], int(p)
 
     @property
-    def collate(self) -> Callable[[list[tuple[list[torch.Tensor], int]]], tuple[torch.Tensor, ...]]:
+    def collate(self) -> Callable[[list[tuple[list[torch.Tensor], int]]], tuple[torch.Tensor, np.ndarray, np.ndarray]]:
         """The ``collate_fn`` for a DataLoader over this dataset (picklable: runs in the workers)."""
         return functools.partial(collate_products, transform=_batched(self.transform))
 
 
 def collate_products(
     batch: list[tuple[list[torch.Tensor], int]], transform: EvalTransform | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Concatenate the images of a batch of products (resized and cropped by ``transform.batch`` if given).
 
     Returns:
         ``(images [N, 3, H, W], owner [N]: the product row of each image, products [B]: the
-        product rows of the batch)``; a product with no decodable image has no entry in owner.
+        product rows of the batch)``, the rows int64 numpy arrays (see :func:`collate_images`); a
+        product with no decodable image has no entry in owner.
     """
-    products = torch.tensor([p for _, p in batch], dtype=torch.long)
-    owner = torch.tensor([p for images, p in batch for _ in images], dtype=torch.long)
+    products = _indices(p for _, p in batch)
+    owner = _indices(p for images, p in batch for _ in images)
     tensors = [t for images, _ in batch for t in images]
     images = _stack(tensors, transform) if tensors else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
     return images, owner, products
