@@ -11,6 +11,8 @@ in the DataLoader workers (:meth:`EvalTransform.batch`: torch's SIMD uint8 antia
 over all the images of a size at once, several times cheaper per image than one Pillow resize
 each); the float conversion and mean/std normalisation run once per batch where the model is
 (:meth:`EvalTransform.normalize`, done by :class:`~hierclass.features.FeatureExtractor`).
+A worker writes its batches into shared memory the main process maps once and hands back when
+it has let go of a batch (:mod:`hierclass.data.handover`), not into fresh memory per batch.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import simplejpeg
 import torch
 from PIL import Image
 
+from hierclass.data import handover
 from hierclass.data.sources import ImageSource
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -189,7 +192,7 @@ def collate_images(
     bad = _indices(i for t, i in batch if t is None)
     if not good:
         return torch.empty(0, 3, 0, 0, dtype=torch.uint8), _indices(()), bad
-    return _stack([t for t, _ in good], transform), _indices(i for _, i in good), bad
+    return handover.pack(_stack([t for t, _ in good], transform)), _indices(i for _, i in good), bad
 
 
 def _indices(values: Iterable[int]) -> np.ndarray:
@@ -197,7 +200,11 @@ def _indices(values: Iterable[int]) -> np.ndarray:
 
 
 def _stack(images: Sequence[torch.Tensor], transform: EvalTransform | None) -> torch.Tensor:
-    return transform.batch(images) if transform is not None else torch.stack(list(images))
+    """The collate functions' batch; in a DataLoader worker, in memory the main process can reuse
+    (:mod:`hierclass.data.handover`)."""
+    if transform is None:
+        return torch.stack(list(images))
+    return transform.batch(images, out=handover.batch_buffer(len(images), *transform.size))
 
 
 class ProductDataset(torch.utils.data.Dataset):
@@ -235,7 +242,7 @@ def collate_products(
     products = _indices(p for _, p in batch)
     owner = _indices(p for images, p in batch for _ in images)
     tensors = [t for images, _ in batch for t in images]
-    images = _stack(tensors, transform) if tensors else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    images = handover.pack(_stack(tensors, transform)) if tensors else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
     return images, owner, products
 
 
@@ -306,10 +313,12 @@ class EvalTransform:
     def _geometric(self) -> bool:
         return self.crop_mode in ("center", "squash") and self.crop_pct <= 1.0
 
-    def batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+    def batch(self, images: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         """Resize and centre-crop decoded images (uint8 ``[3, H, W]`` each) into one uint8 batch
-        ``[B, 3, *size]``, stored channels last (what the backbones take; no transposing copy)."""
-        out = _batch_tensor(len(images), *self.size)
+        ``[B, 3, *size]``, stored channels last (what the backbones take; no transposing copy), in
+        ``out`` if given."""
+        if out is None:
+            out = torch.empty((len(images), *self.size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
         if not (self._geometric and self.interpolation in _TORCH_FILTERS):
             for k, image in enumerate(images):
                 out[k] = self._one_by_pillow(image)
@@ -357,16 +366,6 @@ def normalisation(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Te
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, -1, 1, 1)
     shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32).view(1, -1, 1, 1)
     return scale, shift
-
-
-def _batch_tensor(n: int, height: int, width: int) -> torch.Tensor:
-    """An uninitialised uint8 batch ``[n, 3, height, width]`` stored channels last; in a DataLoader
-    worker it is allocated in shared memory, as torch's default collate does, so that handing it to
-    the main process does not copy it again."""
-    pixels = torch.empty((n, height, width, 3), dtype=torch.uint8)
-    if torch.utils.data.get_worker_info() is not None:
-        pixels.share_memory_()
-    return pixels.permute(0, 3, 1, 2)
 
 
 _TORCH_FILTERS = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest-exact"}
