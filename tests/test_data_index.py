@@ -40,11 +40,11 @@ def _dump(tmp_path: Path, *docs: bytes, name: str = "d.bson") -> Path:
 
 
 def _same_index_with_any_buffer(dump: Path, index, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The read buffer's size changes nothing: documents cut by a refill, and documents larger than
-    the buffer (scanned through a memory map), give the same rows, counts, offsets and messages."""
+    """The map window's size changes nothing: documents cut at a window's end, and documents longer
+    than a window (given a window of their own), give the same rows, counts, offsets and messages."""
     for chunk in (16, 97, 1000):
         with monkeypatch.context() as m:
-            m.setattr(bson_index, "_CHUNK", chunk)
+            m.setattr(bson_index, "_WINDOW", chunk)
             other = scan_dump(dump, progress=False)
         for name in ("offset", "length", "product_id", "category_id", "n_images"):
             assert getattr(other, name).tolist() == getattr(index, name).tolist(), (chunk, name)
@@ -235,7 +235,7 @@ def test_dump_shrinking_during_the_pass_is_a_dump_error(tmp_path: Path, monkeypa
             self.st_size = real(fd).st_size + 100  # as if 100 bytes went missing after the pass began
 
     monkeypatch.setattr(bson_index.os, "fstat", Grown)
-    message = rf"^{dump}: read failed during indexing \(the file ended at byte \d+ of the \d+"
+    message = rf"^{dump}: read failed during indexing \(the file now ends at byte \d+, before byte \d+: it shrank"
     with pytest.raises(DumpError, match=message):
         scan_dump(dump, progress=False)
 

@@ -4,12 +4,15 @@ A dump is a file of concatenated BSON documents
 ``{_id: int, category_id: int, imgs: [{picture: <JPEG bytes>}, ...]}`` (test dumps have no
 ``category_id``). :func:`scan_dump` walks it once, reading each document's 4-byte length
 prefix and the headers of its elements, and skips the picture payloads by their length, so
-the work is per document, not per byte. The file is read sequentially in 1 MiB pieces into one
-reused buffer, which the loop walks while it is still in the CPU cache (a memory map of the
-whole file cost ~20% more on small documents, in page faults); a document larger than the
-buffer is walked through a memory map instead. The loop is compiled with numba (cached on
-disk after the first use), so the pass runs at the speed of a plain sequential read of the
-file (``benchmarks/bench_data.py``), where a Python loop managed ~0.5 GB/s.
+the work is per document, not per byte. The file is walked through read-only memory maps of
+64 MiB windows, one after the other (a document longer than that gets a window of its own):
+no copy of the bytes at all. On this project's second 2-core VM, reading the file in 1 MiB
+pieces into a reused buffer (the previous design) ran at 0.6-0.7x of a plain read, the maps at
+0.7-1.5x; on the first VM the buffered reads had been ~20% faster than a map on small documents.
+The machines disagree; the maps won where it was measured last (``benchmarks/README.md``). The
+loop is compiled with numba (cached on disk after the first use), so the pass runs near the
+speed of a plain sequential read of the file (``benchmarks/bench_data.py``), where a Python loop
+managed ~0.5 GB/s.
 
 The result, a :class:`BsonIndex` (offset, length, product_id, category_id, n_images per
 product), is saved as ``<dump>.idx.npz`` beside the dump (or in a cache directory when the
@@ -33,6 +36,7 @@ import mmap
 import os
 import struct
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -150,16 +154,16 @@ class BsonIndex:
 
 
 # ---------------------------------------------------------------------- scanning
-# The pass is one compiled loop (numba) over a buffer refilled by sequential reads: follow the length
+# The pass is one compiled loop (numba) over windows of the file mapped in turn: follow the length
 # prefixes from document to document, walk each document's element headers, skip values by
 # their length. It reports what it found as small integer codes; Python turns the first bad
 # frame and the first malformed document into messages (:func:`_stop_reason`, :func:`_malformed_reason`).
 _ROWS = 1 << 16  # products per call of the compiled loop, at most
-_CHUNK = 1 << 20  # bytes read per call: small enough that the loop finds them still in the CPU cache
+_WINDOW = 64 << 20  # bytes of the file mapped at a time (beyond a start rounded down to the map granularity)
 
 # Why the pass stopped (a broken frame), with one value: what the length prefix said, or the bytes left.
 _STOP_NONE, _STOP_STUB, _STOP_BELOW_MIN, _STOP_PAST_EOF, _STOP_NO_FINAL_ZERO = 0, 1, 2, 3, 4
-_STOP_MORE = 5  # not a stop: the next document is not wholly in the buffer
+_STOP_MORE = 5  # not a stop: the next document is not wholly in the window
 
 # What a well-framed document is, with up to three values (a, b, c) locating the problem.
 _DOC_OK = 0
@@ -575,33 +579,21 @@ class _Pass:
 
 
 def _scan(path: Path, f, size: int, bar: tqdm) -> BsonIndex:
-    """Read the dump in :data:`_CHUNK` pieces into one buffer and scan each; a document that does not
-    fit the buffer (rare: Cdiscount's are ~8 KB) is scanned where it lies through a memory map."""
-    buf = np.empty(_CHUNK, np.uint8)
-    view = memoryview(buf)
+    """Scan the dump through memory-mapped windows of :data:`_WINDOW` bytes, one after the other (a
+    document longer than that gets a window of its own length)."""
     state = _Pass()
-    base, have, off, stop, value = 0, 0, 0, _STOP_NONE, 0
+    fd = f.fileno()
+    base, off, stop, value, need = 0, 0, _STOP_NONE, 0, _WINDOW
     while base + off < size:
-        off, stop, value = state.run(buf[:have], off, have, base, size)
+        pos = base + off
+        base = pos - pos % mmap.ALLOCATIONGRANULARITY  # where a map may start
+        with _window(fd, base, min(pos - base + need, size - base)) as u8:
+            off, stop, value = state.run(u8, pos - base, len(u8), base, size)
+        bar.update(base + off - bar.n)
         if stop not in (_STOP_NONE, _STOP_MORE):
             break
-        base, have = base + off, have - off
-        buf[:have] = buf[off : off + have]  # keep the unfinished document
-        off = 0
-        if value > len(buf):  # a document larger than the buffer
-            end, stop, value = _scan_mapped(f, base, size, state)
-            if stop != _STOP_NONE:
-                break  # a broken frame at base (off is 0)
-            f.seek(end)  # the file position stays at base + have
-            base, have = end, 0
-        while have < len(buf) and base + have < size:
-            got = f.readinto(view[have:])
-            if not got:
-                raise OSError(0, f"the file ended at byte {base + have} of the {size} it had when the pass began")
-            have += got
-        bar.update(base - bar.n)
+        need = max(_WINDOW, value, 4) if stop == _STOP_MORE else _WINDOW
     indexed = base + off
-    del buf, view
     table = np.concatenate(state.chunks, axis=1) if state.chunks else np.zeros((5, 0), np.int64)
     stop_reason = _stop_reason(stop, value, size - indexed) if stop not in (_STOP_NONE, _STOP_MORE) else None
     n_no_images, first_no_images, n_malformed, first_malformed = (int(x) for x in state.skipped[:4])
@@ -613,14 +605,21 @@ def _scan(path: Path, f, size: int, bar: tqdm) -> BsonIndex:
     return _finish(path, size, table, indexed, stop_reason, indexed if stop_reason else None, counts, firsts)
 
 
-def _scan_mapped(f, start: int, size: int, state: _Pass) -> tuple[int, int, int]:
-    """Scan the one document at file offset ``start`` through a memory map of the file (its length
-    prefix said it is larger than the read buffer); ``(file offset reached, code, value)``."""
-    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+@contextlib.contextmanager
+def _window(fd: int, start: int, length: int) -> Iterator[np.ndarray]:
+    """Bytes ``[start, start + length)`` of the file, memory-mapped read-only, as uint8."""
+    try:  # mmap checks the file's size: touching a page past its end would kill the process
+        mm = mmap.mmap(fd, length, offset=start, access=mmap.ACCESS_READ)
+    except ValueError:
+        now = os.lseek(fd, 0, os.SEEK_END)
+        end = start + length
+        raise OSError(0, f"the file now ends at byte {now}, before byte {end}: it shrank during the pass") from None
     try:
+        if hasattr(mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
+            mm.madvise(mmap.MADV_SEQUENTIAL)  # read ahead on a cold file, and drop pages behind
         u8 = np.frombuffer(mm, dtype=np.uint8)
         try:
-            return state.run(u8, start, start + 1, 0, size)
+            yield u8
         finally:
             del u8  # release the buffer before the map closes
     finally:
