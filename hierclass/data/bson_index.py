@@ -428,7 +428,7 @@ def _scan_block(
     not wholly in ``u8`` or a frame is broken.
 
     Args:
-        u8: a buffer of the file, or the whole file (``base`` 0).
+        u8: a window of the file (bytes ``[base, base + len(u8))``).
         off: where a document starts, in ``u8``.
         limit: stop at the first document boundary at or past ``u8[limit]``.
         rows: ``[5, cap]`` int64, filled column by column with (offset, length, product_id, category_id,
@@ -440,8 +440,8 @@ def _scan_block(
         file_size: the file's size.
 
     Returns:
-        ``(rows filled, offset reached in u8, _STOP_* code, its value)``; ``_STOP_MORE`` asks for the
-        buffer to be refilled from ``off`` on (its value is the next document's length when known, else 0).
+        ``(rows filled, offset reached in u8, _STOP_* code, its value)``; ``_STOP_MORE`` asks for a
+        window starting at ``off`` (its value is the next document's length when known, else 0).
     """
     have = len(u8)
     n = 0

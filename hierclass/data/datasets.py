@@ -192,7 +192,7 @@ def collate_images(
     bad = _indices(i for t, i in batch if t is None)
     if not good:
         return torch.empty(0, 3, 0, 0, dtype=torch.uint8), _indices(()), bad
-    return handover.pack(_stack([t for t, _ in good], transform)), _indices(i for _, i in good), bad
+    return _stack([t for t, _ in good], transform), _indices(i for _, i in good), bad
 
 
 def _indices(values: Iterable[int]) -> np.ndarray:
@@ -200,11 +200,11 @@ def _indices(values: Iterable[int]) -> np.ndarray:
 
 
 def _stack(images: Sequence[torch.Tensor], transform: EvalTransform | None) -> torch.Tensor:
-    """The collate functions' batch; in a DataLoader worker, in memory the main process can reuse
-    (:mod:`hierclass.data.handover`)."""
+    """The collate functions' batch; in a DataLoader worker, written into memory the main process
+    can reuse and packed to be handed over (:mod:`hierclass.data.handover`)."""
     if transform is None:
         return torch.stack(list(images))
-    return transform.batch(images, out=handover.batch_buffer(len(images), *transform.size))
+    return handover.pack(transform.batch(images, out=handover.batch_buffer(len(images), *transform.size)))
 
 
 class ProductDataset(torch.utils.data.Dataset):
@@ -242,7 +242,7 @@ def collate_products(
     products = _indices(p for _, p in batch)
     owner = _indices(p for images, p in batch for _ in images)
     tensors = [t for images, _ in batch for t in images]
-    images = handover.pack(_stack(tensors, transform)) if tensors else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    images = _stack(tensors, transform) if tensors else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
     return images, owner, products
 
 
