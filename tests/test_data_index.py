@@ -226,16 +226,23 @@ def test_garbage_inside_a_well_framed_document(tmp_path: Path) -> None:
     assert index.product_id.tolist() == [1, 3] and "unknown BSON element type" in index.report.first_malformed_reason
 
 
-def test_dump_shrinking_during_the_pass_is_a_dump_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    dump = _dump(tmp_path, _doc(1), _doc(2))
-    real = os.fstat
+@pytest.mark.parametrize("when", ["before the map", "between windows"])
+def test_dump_shrinking_during_the_pass_is_a_dump_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    dump = _dump(tmp_path, *(_doc(pid) for pid in range(1, 9)))
+    size = dump.stat().st_size
+    sizes = iter([size + 100] if when == "before the map" else [size])  # what the pass saw first
 
-    class Grown:
+    class Stat:  # then it ends at byte 100 (cutting the dump for real could SIGBUS)
         def __init__(self, fd: int) -> None:
-            self.st_size = real(fd).st_size + 100  # as if 100 bytes went missing after the pass began
+            self.st_size = next(sizes, 100)
 
-    monkeypatch.setattr(bson_index.os, "fstat", Grown)
-    message = rf"^{dump}: read failed during indexing \(the file now ends at byte \d+, before byte \d+: it shrank"
+    monkeypatch.setattr(bson_index.os, "fstat", Stat)
+    monkeypatch.setattr(bson_index, "_WINDOW", 64)  # several windows: the helper checks each one
+    assert size > 3 * 64
+    now = size if when == "before the map" else 100
+    message = rf"^{dump}: read failed during indexing \(the file now ends at byte {now}, before byte \d+: it shrank"
     with pytest.raises(DumpError, match=message):
         scan_dump(dump, progress=False)
 

@@ -4,15 +4,14 @@ A dump is a file of concatenated BSON documents
 ``{_id: int, category_id: int, imgs: [{picture: <JPEG bytes>}, ...]}`` (test dumps have no
 ``category_id``). :func:`scan_dump` walks it once, reading each document's 4-byte length
 prefix and the headers of its elements, and skips the picture payloads by their length, so
-the work is per document, not per byte. The file is walked through read-only memory maps of
-64 MiB windows, one after the other (a document longer than that gets a window of its own):
-no copy of the bytes at all. On this project's second 2-core VM, reading the file in 1 MiB
-pieces into a reused buffer (the previous design) ran at 0.6-0.7x of a plain read, the maps at
-0.7-1.5x; on the first VM the buffered reads had been ~20% faster than a map on small documents.
-The machines disagree; the maps won where it was measured last (``benchmarks/README.md``). The
-loop is compiled with numba (cached on disk after the first use), so the pass runs near the
-speed of a plain sequential read of the file (``benchmarks/bench_data.py``), where a Python loop
-managed ~0.5 GB/s.
+the work is per document, not per byte. The file is read through one read-only memory map, no
+copy of the bytes at all, in windows of 64 MiB: while the compiled loop scans one window, a helper
+thread faults the next one in (its page-table entries, and its disk reads on a cold file), and the
+window behind is unmapped, so the process never maps more than a few windows of a 58 GB dump. On
+small documents (2.4 KB, Fashion-like) the page faults had cost a quarter of the pass; overlapped,
+the pass runs near the speed of a plain sequential read of the file (``benchmarks/bench_data.py``,
+figures in ``benchmarks/README.md``). The loop is compiled with numba (cached on disk after the
+first use); a Python loop managed ~0.5 GB/s.
 
 The result, a :class:`BsonIndex` (offset, length, product_id, category_id, n_images per
 product), is saved as ``<dump>.idx.npz`` beside the dump (or in a cache directory when the
@@ -25,18 +24,22 @@ the pass: every good product before it is kept and the report says where and how
 bytes were not indexed. A well-framed document without images, or with malformed fields,
 is skipped and counted. ``_id`` and ``category_id`` may be int32, int64 or a double holding
 an integer (some exporters write those). ``strict=True`` raises :class:`~hierclass.errors.DumpError` instead.
+A dump that shrinks during the pass is caught before each window (a ``DumpError``); one cut
+while its window is being read kills the process with SIGBUS, as with any memory map. Nothing
+is written before the pass ends, so nothing is corrupted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import mmap
 import os
 import struct
 from collections import Counter
-from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -154,16 +157,18 @@ class BsonIndex:
 
 
 # ---------------------------------------------------------------------- scanning
-# The pass is one compiled loop (numba) over windows of the file mapped in turn: follow the length
+# The pass is one compiled loop (numba) over a read-only map of the whole file: follow the length
 # prefixes from document to document, walk each document's element headers, skip values by
 # their length. It reports what it found as small integer codes; Python turns the first bad
 # frame and the first malformed document into messages (:func:`_stop_reason`, :func:`_malformed_reason`).
+# While the loop scans one window of the map, a helper thread faults the next one in (page-table
+# entries, and the disk reads of a cold file), and the window behind is let go.
 _ROWS = 1 << 16  # products per call of the compiled loop, at most
-_WINDOW = 64 << 20  # bytes of the file mapped at a time (beyond a start rounded down to the map granularity)
+_WINDOW = 32 << 20  # bytes the helper thread faults in ahead of the scan, and the scan's step
+_FIRST_WINDOW = 1 << 20  # the first step, short: nothing faults it in ahead
 
 # Why the pass stopped (a broken frame), with one value: what the length prefix said, or the bytes left.
 _STOP_NONE, _STOP_STUB, _STOP_BELOW_MIN, _STOP_PAST_EOF, _STOP_NO_FINAL_ZERO = 0, 1, 2, 3, 4
-_STOP_MORE = 5  # not a stop: the next document is not wholly in the window
 
 # What a well-framed document is, with up to three values (a, b, c) locating the problem.
 _DOC_OK = 0
@@ -420,46 +425,35 @@ def _parse_usual(u8: np.ndarray, off: int, end: int) -> tuple[int, int, int, int
 
 
 @njit(cache=True, nogil=True)
-def _scan_block(
-    u8: np.ndarray, off: int, limit: int, rows: np.ndarray, skipped: np.ndarray, base: int, file_size: int
-) -> tuple:
-    """Frame and parse the documents of ``u8`` (bytes ``[base, base + len(u8))`` of the file) from
-    ``u8[off]`` on, until ``limit`` is passed, ``rows`` is full, the file ends, the next document is
-    not wholly in ``u8`` or a frame is broken.
+def _scan_block(u8: np.ndarray, off: int, limit: int, rows: np.ndarray, skipped: np.ndarray) -> tuple:
+    """Frame and parse the documents of the file ``u8`` from ``u8[off]`` on, until ``limit`` is
+    passed, ``rows`` is full, the file ends or a frame is broken.
 
     Args:
-        u8: a window of the file (bytes ``[base, base + len(u8))``).
-        off: where a document starts, in ``u8``.
+        u8: the whole file.
+        off: where a document starts.
         limit: stop at the first document boundary at or past ``u8[limit]``.
         rows: ``[5, cap]`` int64, filled column by column with (offset, length, product_id, category_id,
-            n_images), offsets in the file.
-        skipped: int64 ``[8]``, updated: documents without images, the first one's file offset,
-            malformed documents, the first one's file offset, then its code and values a, b, c
-            (a byte position in a, b is one in ``u8``).
-        base: the file offset of ``u8[0]``.
-        file_size: the file's size.
+            n_images).
+        skipped: int64 ``[8]``, updated: documents without images, the first one's offset,
+            malformed documents, the first one's offset, then its code and values a, b, c.
 
     Returns:
-        ``(rows filled, offset reached in u8, _STOP_* code, its value)``; ``_STOP_MORE`` asks for a
-        window starting at ``off`` (its value is the next document's length when known, else 0).
+        ``(rows filled, offset reached, _STOP_* code, its value)``.
     """
-    have = len(u8)
+    size = len(u8)
     n = 0
     while off < limit and n < rows.shape[1]:
-        left = file_size - (base + off)
+        left = size - off
         if left == 0:
             break
         if left < 4:
             return n, off, _STOP_STUB, left
-        if have - off < 4:
-            return n, off, _STOP_MORE, 0
         n_bytes = _i32(u8, off)
         if n_bytes < MIN_DOC:
             return n, off, _STOP_BELOW_MIN, n_bytes
         if n_bytes > left:
             return n, off, _STOP_PAST_EOF, n_bytes
-        if n_bytes > have - off:
-            return n, off, _STOP_MORE, n_bytes
         end = off + n_bytes
         if u8[end - 1] != 0:
             return n, off, _STOP_NO_FINAL_ZERO, n_bytes
@@ -468,18 +462,27 @@ def _scan_block(
         if code < 0:
             code, pid, cid, k, a, b, c = _parse_document(u8, off, end)
         if code == _DOC_OK:
-            rows[0, n], rows[1, n], rows[2, n], rows[3, n], rows[4, n] = base + off, n_bytes, pid, cid, k
+            rows[0, n], rows[1, n], rows[2, n], rows[3, n], rows[4, n] = off, n_bytes, pid, cid, k
             n += 1
         elif code == _DOC_NO_IMAGES:
             skipped[0] += 1
             if skipped[1] < 0:
-                skipped[1] = base + off
+                skipped[1] = off
         else:
             skipped[2] += 1
             if skipped[3] < 0:
-                skipped[3], skipped[4], skipped[5], skipped[6], skipped[7] = base + off, code, a, b, c
+                skipped[3], skipped[4], skipped[5], skipped[6], skipped[7] = off, code, a, b, c
         off = end
     return n, off, _STOP_NONE, 0
+
+
+@njit(cache=True, nogil=True)
+def _touch(u8: np.ndarray, start: int, stop: int, step: int) -> int:
+    """Read one byte of every ``step`` bytes of ``u8[start:stop]``, so that their pages are mapped in."""
+    total = 0
+    for p in range(start, stop, step):
+        total += u8[p]
+    return total
 
 
 def _type_name(t: int) -> str:
@@ -497,9 +500,9 @@ def _stop_reason(code: int, value: int, left: int) -> str:
     return f"document of {value} bytes does not end with a 0 byte (bad length prefix)"
 
 
-def _malformed_reason(u8: np.ndarray, base: int, code: int, a: int, b: int, c: int) -> str:
+def _malformed_reason(u8: np.ndarray, code: int, a: int, b: int, c: int) -> str:
     """What is wrong with a malformed document, from :func:`_parse_document`'s code and values
-    (byte positions in ``u8``, which holds the file from offset ``base``)."""
+    (byte positions in the file ``u8``)."""
     field_name = ("_id", "category_id")[a] if code in (_BAD_NOT_INTEGER, _BAD_FRACTIONAL) else ""
     if code == _BAD_NO_ID:
         return "no _id field"
@@ -516,16 +519,16 @@ def _malformed_reason(u8: np.ndarray, base: int, code: int, a: int, b: int, c: i
     if code == _BAD_IMAGE_NO_PICTURE:
         return f"imgs[{a}] has no binary 'picture' field"
     if code == _BAD_UNKNOWN_TYPE:
-        return f"unknown BSON element type 0x{b:02x} at byte {base + a}"
+        return f"unknown BSON element type 0x{b:02x} at byte {a}"
     if code == _BAD_UNTERMINATED_NAME:
-        return f"unterminated field name at byte {base + a}"
+        return f"unterminated field name at byte {a}"
     if code == _BAD_FIELD_PAST_END:
         name = u8[a:b].tobytes()
         if c < 0:
             return f"field {name!r} runs past its document"
         return f"field {name!r} of {c} bytes runs past its document"
     if code == _BAD_UNTERMINATED_REGEX:
-        return f"unterminated regex at byte {base + a}"
+        return f"unterminated regex at byte {a}"
     return "fields overrun the document's end"
 
 
@@ -565,37 +568,40 @@ class _Pass:
         self.chunks: list[np.ndarray] = []
         self.malformed_reason: str | None = None
 
-    def run(self, u8: np.ndarray, off: int, limit: int, base: int, size: int) -> tuple[int, int, int]:
-        """:func:`_scan_block` until ``limit``, a stop or a refill; ``(offset reached, code, value)``."""
+    def run(self, u8: np.ndarray, off: int, limit: int) -> tuple[int, int, int]:
+        """:func:`_scan_block` until ``limit`` or a stop; ``(offset reached, code, value)``."""
         while True:
             had_malformed = self.skipped[3] >= 0
-            n, off, stop, value = _scan_block(u8, off, limit, self.rows, self.skipped, base, size)
+            n, off, stop, value = _scan_block(u8, off, limit, self.rows, self.skipped)
             self.chunks.append(self.rows[:, :n].copy())
-            if not had_malformed and self.skipped[3] >= 0:  # the document is still in u8: say what is wrong
+            if not had_malformed and self.skipped[3] >= 0:
                 code, a, b, c = (int(x) for x in self.skipped[4:])
-                self.malformed_reason = _malformed_reason(u8, base, code, a, b, c)
+                self.malformed_reason = _malformed_reason(u8, code, a, b, c)
             if n < self.rows.shape[1] or stop != _STOP_NONE:
                 return off, stop, value
 
 
 def _scan(path: Path, f, size: int, bar: tqdm) -> BsonIndex:
-    """Scan the dump through memory-mapped windows of :data:`_WINDOW` bytes, one after the other (a
-    document longer than that gets a window of its own length)."""
+    """Scan the dump through one read-only map of the whole file, :data:`_WINDOW` bytes at a time,
+    the helper thread faulting the next window in while the compiled loop scans this one."""
     state = _Pass()
-    fd = f.fileno()
-    base, off, stop, value, need = 0, 0, _STOP_NONE, 0, _WINDOW
-    while base + off < size:
-        pos = base + off
-        base = pos - pos % mmap.ALLOCATIONGRANULARITY  # where a map may start
-        with _window(fd, base, min(pos - base + need, size - base)) as u8:
-            off, stop, value = state.run(u8, pos - base, len(u8), base, size)
-        bar.update(base + off - bar.n)
-        if stop not in (_STOP_NONE, _STOP_MORE):
-            break
-        need = max(_WINDOW, value, 4) if stop == _STOP_MORE else _WINDOW
-    indexed = base + off
+    off, stop, value = 0, _STOP_NONE, 0
+    with _FileMap(f.fileno(), size) as file_map, ThreadPoolExecutor(1, thread_name_prefix="hierclass-index") as helper:
+        windows = _windows(size)
+        ahead = None  # the first window faults in as it is scanned; a dump of one window starts no thread
+        for i, (_, end) in enumerate(windows):
+            if ahead is not None:
+                ahead.result()  # this window is mapped in (or the file shrank: OSError)
+            if i + 1 < len(windows):  # while this window is scanned
+                ahead = helper.submit(file_map.advance, off, *windows[i + 1])
+            off, stop, value = state.run(file_map.u8, off, end)
+            bar.update(off - bar.n)
+            if stop != _STOP_NONE or off >= size:
+                break
+    # leaving the block waits for the helper before the map closes
+    indexed = off
     table = np.concatenate(state.chunks, axis=1) if state.chunks else np.zeros((5, 0), np.int64)
-    stop_reason = _stop_reason(stop, value, size - indexed) if stop not in (_STOP_NONE, _STOP_MORE) else None
+    stop_reason = _stop_reason(stop, value, size - indexed) if stop != _STOP_NONE else None
     n_no_images, first_no_images, n_malformed, first_malformed = (int(x) for x in state.skipped[:4])
     counts = Counter(no_images=n_no_images, malformed=n_malformed)
     firsts = [
@@ -605,26 +611,59 @@ def _scan(path: Path, f, size: int, bar: tqdm) -> BsonIndex:
     return _finish(path, size, table, indexed, stop_reason, indexed if stop_reason else None, counts, firsts)
 
 
-@contextlib.contextmanager
-def _window(fd: int, start: int, length: int) -> Iterator[np.ndarray]:
-    """Bytes ``[start, start + length)`` of the file, memory-mapped read-only, as uint8."""
-    try:  # mmap checks the file's size: touching a page past its end would kill the process
-        mm = mmap.mmap(fd, length, offset=start, access=mmap.ACCESS_READ)
-    except ValueError:
-        now = os.lseek(fd, 0, os.SEEK_END)
-        end = start + length
-        raise OSError(0, f"the file now ends at byte {now}, before byte {end}: it shrank during the pass") from None
-    try:
-        if hasattr(mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
-            mm.madvise(mmap.MADV_SEQUENTIAL)  # read ahead on a cold file, and drop pages behind
-        u8 = np.frombuffer(mm, dtype=np.uint8)
-        try:
-            yield u8
-        finally:
-            del u8  # release the buffer before the map closes
-    finally:
-        with contextlib.suppress(BufferError):  # an exception's traceback may still hold a view
-            mm.close()
+def _windows(size: int) -> list[tuple[int, int]]:
+    """The scan's steps ``(start, end)`` over a file of ``size`` bytes: a short first one, then :data:`_WINDOW` each."""
+    bounds = [0, *range(min(_FIRST_WINDOW, _WINDOW), size, _WINDOW), size] if size else []
+    return list(itertools.pairwise(bounds))
+
+
+def _shrank(now: int, needed: int) -> OSError:
+    return OSError(0, f"the file now ends at byte {now}, before byte {needed}: it shrank during the pass")
+
+
+class _FileMap:
+    """The whole file (``size`` bytes of ``fd``), memory-mapped read-only as ``u8``. The helper thread
+    (:meth:`advance`) unmaps the pages the scan has passed (they stay in the page cache) and faults in
+    the next window, so the process never maps more than a few windows however large the dump."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.released = fd, 0
+        self.mm: mmap.mmap | None = None
+        self.u8 = np.zeros(0, np.uint8)
+        if size == 0:  # an empty file cannot be mapped (and has nothing to scan)
+            return
+        try:  # mmap checks the file's size: touching a page past its end would kill the process
+            self.mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        except ValueError:
+            raise _shrank(os.lseek(fd, 0, os.SEEK_END), size) from None
+        if hasattr(self.mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
+            self.mm.madvise(mmap.MADV_SEQUENTIAL)  # larger read-ahead on a cold file
+        self.u8 = np.frombuffer(self.mm, dtype=np.uint8)
+
+    def advance(self, scanned: int, start: int, stop: int) -> None:
+        """Unmap the whole pages before ``scanned``; then check the file still holds bytes ``[start, stop)``
+        and map their pages in (reading them from disk if they are not cached)."""
+        assert self.mm is not None  # a dump of one window or less has no window ahead
+        behind = scanned - scanned % mmap.PAGESIZE
+        if behind > self.released and hasattr(mmap, "MADV_DONTNEED"):
+            self.mm.madvise(mmap.MADV_DONTNEED, self.released, behind - self.released)
+            self.released = behind
+        now = os.fstat(self.fd).st_size
+        if now < stop:
+            raise _shrank(now, stop)
+        page = start - start % mmap.PAGESIZE
+        if hasattr(mmap, "MADV_WILLNEED"):  # one large read-ahead of the window on a cold file
+            self.mm.madvise(mmap.MADV_WILLNEED, page, stop - page)
+        _touch(self.u8, page, stop, mmap.PAGESIZE)
+
+    def __enter__(self) -> _FileMap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.u8 = np.zeros(0, np.uint8)  # release the buffer before the map closes
+        if self.mm is not None:
+            with contextlib.suppress(BufferError):  # an exception's traceback may still hold a view
+                self.mm.close()
 
 
 def _finish(
@@ -663,8 +702,19 @@ def _summarise(index: BsonIndex) -> None:
     counts = np.bincount(index.n_images) if len(index) else np.zeros(0, np.int64)
     r.images_per_product = {int(k): int(c) for k, c in enumerate(counts) if c}
     labelled = index.category_id[index.category_id >= 0]
-    r.n_categories = len(np.unique(labelled))
+    r.n_categories = _n_distinct(labelled)
     r.n_without_category = int(len(index) - len(labelled))
+
+
+def _n_distinct(values: np.ndarray) -> int:
+    """How many distinct integers: counted over their range when it is short (category ids: 22k
+    wide for Cdiscount's; 3.8 ms against 12.9 ms for a sort of 435k of them), else by a sort."""
+    if not len(values):
+        return 0
+    low, high = int(values.min()), int(values.max())
+    if high - low < 4 * len(values) + (1 << 16):
+        return int(np.count_nonzero(np.bincount(values - low)))
+    return len(np.unique(values))
 
 
 # ---------------------------------------------------------------------- the index file
