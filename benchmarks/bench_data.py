@@ -2,8 +2,10 @@
 
     .venv/bin/python benchmarks/bench_data.py [--data ../shared/data] [--work /tmp/hierclass-bench]
 
-(a) index build MB/s against a plain sequential read of the same file, both on a warm page
-    cache (the file is read once before either is timed; best of --repeat runs each);
+(a) index build MB/s against a plain sequential read of the same file, timed in turn round after
+    round, on a warm page cache (the file is read once before either is timed; best of --repeat
+    runs each) or with --cold from the disk (the file's pages are dropped from the page cache before
+    each run; median of --repeat runs each, as the disk's speed drifts);
 (b) images/s of random-access read + JPEG decode + resize/crop to uint8 tensors (ImageDataset with
     the model's EvalTransform: simplejpeg decode per item, torch uint8 antialiased resize + crop per
     batch in ImageDataset.collate) to uint8 batches at the model's input size (the ONNX engine
@@ -28,6 +30,7 @@ import argparse
 import io
 import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -76,11 +79,31 @@ def make_big_dump(parts: list[Path], out: Path, min_bytes: int) -> Path:
     return out
 
 
-def bench_index(path: Path, repeat: int) -> dict:
+def drop_from_page_cache(path: Path) -> None:
+    """Ask the kernel to drop the file's cached pages (clean ones go; no root needed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def bench_index(path: Path, repeat: int, cold: bool = False) -> dict:
+    """Time the plain read and the index pass in turn, round after round (so both see the same
+    machine): the best of each on a warm page cache; cold, the median (the disk's speed drifts)."""
     size = path.stat().st_size
-    sequential_read(path)  # warm the page cache for both measurements
-    t_read = best(lambda: sequential_read(path), repeat)
-    t_index = best(lambda: scan_dump(path, progress=False), repeat)
+    sequential_read(path)  # warm the page cache for both measurements (or compile the scan, cold)
+    scan_dump(path, progress=False)
+    times: dict[str, list[float]] = {"read": [], "index": []}
+    for _ in range(repeat):
+        for name, fn in (("read", lambda: sequential_read(path)), ("index", lambda: scan_dump(path, progress=False))):
+            if cold:
+                drop_from_page_cache(path)
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    pick = statistics.median if cold else min
+    t_read, t_index = pick(times["read"]), pick(times["index"])
     n = len(scan_dump(path, progress=False))
     return {
         "file": path.name,
@@ -210,6 +233,7 @@ def main() -> None:
     parser.add_argument("--max-load", type=float, default=1.3, help="wait for a 1-minute load average below this")
     parser.add_argument("--wait", type=float, default=600, help="seconds to wait for it at most, per part")
     parser.add_argument("--parts", default="a,b", help="a: index; b: images (b and c)")
+    parser.add_argument("--cold", action="store_true", help="(a): drop the file from the page cache before each run")
     parser.add_argument("--image-sets", default="sample,fashion", help="dumps for (b, c): sample, fashion")
     args = parser.parse_args()
 
@@ -221,11 +245,12 @@ def main() -> None:
     parts = args.parts.split(",")
     if "a" in parts:
         load = wait_for_idle(args.max_load, args.wait)
-        print(f"\n(a) index build vs sequential read, warm page cache, best of {args.repeat}; load {load:.2f}")
+        how = "cold page cache (dropped before each run), median" if args.cold else "warm page cache, best"
+        print(f"\n(a) index build vs sequential read, in turn, {how} of {args.repeat}; load {load:.2f}")
         header = ("file", "MB", "products", "read MB/s", "index MB/s", "ratio", "load")
         print("{:24s} {:>8s} {:>9s} {:>10s} {:>11s} {:>6s} {:>5s}".format(*header))
         for path in (sample, fashion, big, big_cdiscount):
-            r = bench_index(path, args.repeat)
+            r = bench_index(path, args.repeat, args.cold)
             print(
                 f"{r['file']:24s} {r['MB']:8.1f} {r['products']:9d} {r['read_MBps']:10.0f} "
                 f"{r['index_MBps']:11.0f} {r['ratio']:6.2f} {os.getloadavg()[0]:5.2f}"

@@ -40,8 +40,8 @@ def _dump(tmp_path: Path, *docs: bytes, name: str = "d.bson") -> Path:
 
 
 def _same_index_with_any_buffer(dump: Path, index, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The map window's size changes nothing: documents cut at a window's end, and documents longer
-    than a window (given a window of their own), give the same rows, counts, offsets and messages."""
+    """The scan's window size changes nothing: documents that cross a window's end, or span several
+    windows, give the same rows, counts, offsets and messages."""
     for chunk in (16, 97, 1000):
         with monkeypatch.context() as m:
             m.setattr(bson_index, "_WINDOW", chunk)

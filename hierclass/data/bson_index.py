@@ -5,13 +5,14 @@ A dump is a file of concatenated BSON documents
 ``category_id``). :func:`scan_dump` walks it once, reading each document's 4-byte length
 prefix and the headers of its elements, and skips the picture payloads by their length, so
 the work is per document, not per byte. The file is read through one read-only memory map, no
-copy of the bytes at all, in windows of 64 MiB: while the compiled loop scans one window, a helper
-thread faults the next one in (its page-table entries, and its disk reads on a cold file), and the
-window behind is unmapped, so the process never maps more than a few windows of a 58 GB dump. On
-small documents (2.4 KB, Fashion-like) the page faults had cost a quarter of the pass; overlapped,
-the pass runs near the speed of a plain sequential read of the file (``benchmarks/bench_data.py``,
-figures in ``benchmarks/README.md``). The loop is compiled with numba (cached on disk after the
-first use); a Python loop managed ~0.5 GB/s.
+copy of the bytes at all, in windows of 32 MiB: while the compiled loop scans one window, a helper
+thread unmaps the window behind and maps the next one in (its page-table entries) when its pages
+are in the page cache, so the process never maps more than a few windows of a 58 GB dump. On
+small documents (2.4 KB, Fashion-like) those page faults had cost a quarter of the pass. On a
+cold file the scan's own faults read the disk, with the kernel's sequential read-ahead. Either
+way the pass runs at or above the speed of a plain sequential read of the file
+(``benchmarks/bench_data.py``, figures in ``benchmarks/README.md``). The loop is compiled with
+numba (cached on disk after the first use); a Python loop managed ~0.5 GB/s.
 
 The result, a :class:`BsonIndex` (offset, length, product_id, category_id, n_images per
 product), is saved as ``<dump>.idx.npz`` beside the dump (or in a cache directory when the
@@ -161,11 +162,11 @@ class BsonIndex:
 # prefixes from document to document, walk each document's element headers, skip values by
 # their length. It reports what it found as small integer codes; Python turns the first bad
 # frame and the first malformed document into messages (:func:`_stop_reason`, :func:`_malformed_reason`).
-# While the loop scans one window of the map, a helper thread faults the next one in (page-table
-# entries, and the disk reads of a cold file), and the window behind is let go.
+# While the loop scans one window of the map, a helper thread unmaps the window behind and maps the
+# next one in when its pages are in the page cache (:class:`_FileMap`).
 _ROWS = 1 << 16  # products per call of the compiled loop, at most
-_WINDOW = 32 << 20  # bytes the helper thread faults in ahead of the scan, and the scan's step
-_FIRST_WINDOW = 1 << 20  # the first step, short: nothing faults it in ahead
+_WINDOW = 32 << 20  # bytes the helper thread maps in ahead of the scan, and the scan's step
+_FIRST_WINDOW = 1 << 20  # the first step, short: nothing maps it in ahead
 
 # Why the pass stopped (a broken frame), with one value: what the length prefix said, or the bytes left.
 _STOP_NONE, _STOP_STUB, _STOP_BELOW_MIN, _STOP_PAST_EOF, _STOP_NO_FINAL_ZERO = 0, 1, 2, 3, 4
@@ -583,12 +584,12 @@ class _Pass:
 
 def _scan(path: Path, f, size: int, bar: tqdm) -> BsonIndex:
     """Scan the dump through one read-only map of the whole file, :data:`_WINDOW` bytes at a time,
-    the helper thread faulting the next window in while the compiled loop scans this one."""
+    the helper thread mapping the next window in while the compiled loop scans this one."""
     state = _Pass()
     off, stop, value = 0, _STOP_NONE, 0
     with _FileMap(f.fileno(), size) as file_map, ThreadPoolExecutor(1, thread_name_prefix="hierclass-index") as helper:
         windows = _windows(size)
-        ahead = None  # the first window faults in as it is scanned; a dump of one window starts no thread
+        ahead = None  # the first window is mapped in as it is scanned; a dump of one window starts no thread
         for i, (_, end) in enumerate(windows):
             if ahead is not None:
                 ahead.result()  # this window is mapped in (or the file shrank: OSError)
@@ -617,13 +618,26 @@ def _windows(size: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(bounds))
 
 
+def _in_page_cache(fd: int, offset: int) -> bool:
+    """Whether the byte at ``offset`` of the file is in the page cache (a read that may not wait for
+    the disk); True where the system cannot tell."""
+    if not hasattr(os, "RWF_NOWAIT"):
+        return True
+    try:
+        return os.preadv(fd, [bytearray(1)], offset, os.RWF_NOWAIT) == 1
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without non-blocking reads
+        return True
+
+
 def _shrank(now: int, needed: int) -> OSError:
     return OSError(0, f"the file now ends at byte {now}, before byte {needed}: it shrank during the pass")
 
 
 class _FileMap:
     """The whole file (``size`` bytes of ``fd``), memory-mapped read-only as ``u8``. The helper thread
-    (:meth:`advance`) unmaps the pages the scan has passed (they stay in the page cache) and faults in
+    (:meth:`advance`) unmaps the pages the scan has passed (they stay in the page cache) and maps in
     the next window, so the process never maps more than a few windows however large the dump."""
 
     def __init__(self, fd: int, size: int) -> None:
@@ -637,12 +651,14 @@ class _FileMap:
         except ValueError:
             raise _shrank(os.lseek(fd, 0, os.SEEK_END), size) from None
         if hasattr(self.mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
-            self.mm.madvise(mmap.MADV_SEQUENTIAL)  # larger read-ahead on a cold file
+            self.mm.madvise(mmap.MADV_SEQUENTIAL)  # the scan's faults read ahead on a cold file
         self.u8 = np.frombuffer(self.mm, dtype=np.uint8)
 
     def advance(self, scanned: int, start: int, stop: int) -> None:
         """Unmap the whole pages before ``scanned``; then check the file still holds bytes ``[start, stop)``
-        and map their pages in (reading them from disk if they are not cached)."""
+        and, if they are in the page cache, map their pages in. Pages still on the disk are left to the
+        scan: its faults read them with the kernel's sequential read-ahead, which measured faster than
+        reading them here (by touch or ``MADV_WILLNEED``) while the scan waits."""
         assert self.mm is not None  # a dump of one window or less has no window ahead
         behind = scanned - scanned % mmap.PAGESIZE
         if behind > self.released and hasattr(mmap, "MADV_DONTNEED"):
@@ -651,10 +667,8 @@ class _FileMap:
         now = os.fstat(self.fd).st_size
         if now < stop:
             raise _shrank(now, stop)
-        page = start - start % mmap.PAGESIZE
-        if hasattr(mmap, "MADV_WILLNEED"):  # one large read-ahead of the window on a cold file
-            self.mm.madvise(mmap.MADV_WILLNEED, page, stop - page)
-        _touch(self.u8, page, stop, mmap.PAGESIZE)
+        if _in_page_cache(self.fd, stop - 1):
+            _touch(self.u8, start - start % mmap.PAGESIZE, stop, mmap.PAGESIZE)
 
     def __enter__(self) -> _FileMap:
         return self
