@@ -10,7 +10,8 @@
     the model's EvalTransform: simplejpeg decode per item, torch uint8 antialiased resize + crop per
     batch in ImageDataset.collate) to uint8 batches at the model's input size (the ONNX engine
     normalises inside its graph), in one process, against a bare loop that only decodes the same
-    JPEG bytes with Pillow; for comparison also a bare simplejpeg decode loop, the same with torch's
+    JPEG bytes with Pillow (the two timed in turn, round after round, with (c)); for comparison also
+    a bare simplejpeg decode loop, the same with torch's
     float normalisation per batch (the torch engine's path), the previous path (one Pillow resize per
     image), timm's per-image float transform and the dataset without resize;
 (c) the same through a DataLoader with 2 persistent worker processes (started and warmed up
@@ -186,15 +187,15 @@ def bench_images(source_path: Path, work: Path, n_images: int, image_size: int, 
 
     load = os.getloadavg()[0]
     ours()  # warm
-    t_bare, t_sj = best(bare, repeat), best(bare_simplejpeg, repeat)
+    t_sj = best(bare_simplejpeg, repeat)
     t_timm, t_plain, t_pillow = best(timm_float, 1), best(no_resize, 1), best(pillow_resize, 1)
     t_float = best(ours_float, 1)
-    # (c): one process and the two loaders in turn, round after round, so that a slow spell of a
-    # shared host falls on all three alike; best of the rounds for each
+    # (b) and (c): the bare decode, one process and the two loaders in turn, round after round, so
+    # that a slow (or fast) spell of the host falls on all four alike; best of the rounds for each
     default_strategy = torch.multiprocessing.get_sharing_strategy()
     fd_workers, fs_workers = loader(default_strategy), loader("file_system")
-    rounds = [(best(ours, 1), best(fd_workers, 1), best(fs_workers, 1)) for _ in range(repeat)]
-    t_ours, t_workers, t_workers_fs = (min(column) for column in zip(*rounds, strict=True))
+    rounds = [(best(bare, 1), best(ours, 1), best(fd_workers, 1), best(fs_workers, 1)) for _ in range(repeat)]
+    t_bare, t_ours, t_workers, t_workers_fs = (min(column) for column in zip(*rounds, strict=True))
     return {
         "file": source_path.name,
         "images": n_images,
