@@ -14,6 +14,10 @@
     a bare simplejpeg decode loop, the same with torch's
     float normalisation per batch (the torch engine's path), the previous path (one Pillow resize per
     image), timm's per-image float transform and the dataset without resize;
+    With --processes N, (b) alone also runs in N fresh processes, one after the other (bare decode
+    and dataset in turn in each), and the ratio is given per process: on the second VM the bare
+    Pillow loop's speed moved by 2x from one process to the next with the address-space layout
+    (steady under ``setarch -R``), the dataset's much less;
 (c) the same through a DataLoader with 2 persistent worker processes (started and warmed up
     before timing), against (b) in one process, timed in turn round after round; with torch's
     default sharing strategy (file_descriptor) and with file_system.
@@ -29,9 +33,12 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -124,7 +131,8 @@ def wait_for_idle(max_load: float, wait: float) -> float:
     return os.getloadavg()[0]
 
 
-def bench_images(source_path: Path, work: Path, n_images: int, image_size: int, batch: int, repeat: int) -> dict:
+def image_setup(source_path: Path, work: Path, n_images: int, image_size: int):
+    """The dataset of (b) over ``n_images`` random images, its transform and their JPEG bytes."""
     torch.set_num_threads(1)  # one core per process, so 1 process vs 2 workers is a fair comparison
     source = open_source(source_path, cache_dir=work / "cache", progress=False)
     product_row, image_number = image_rows(source)
@@ -133,20 +141,56 @@ def bench_images(source_path: Path, work: Path, n_images: int, image_size: int, 
     transform = resolve_transform("tf_efficientnet_lite0", image_size=image_size)
     ds = ImageDataset(source, transform, product_row[pick], image_number[pick])
     jpegs = [source.read_images(int(product_row[i]))[int(image_number[i])] for i in pick]
+    return source, ds, transform, jpegs
+
+
+def bare_pillow(jpegs: list[bytes]) -> None:
+    """The goal's baseline: only decode the JPEG bytes with Pillow."""
+    for data in jpegs:
+        Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def dataset_batches(dataset: ImageDataset, batch: int, normalize=None) -> None:
+    for start in range(0, len(dataset), batch):
+        images, _, _ = dataset.collate([dataset[i] for i in range(start, min(start + batch, len(dataset)))])
+        if normalize is not None:
+            normalize(images)
+
+
+def b_one_process(source_path: Path, work: Path, n_images: int, image_size: int, batch: int, repeat: int) -> dict:
+    """(b) alone, in this process: the bare Pillow decode and the dataset in turn, best of ``repeat`` each."""
+    _, ds, _, jpegs = image_setup(source_path, work, n_images, image_size)
+    dataset_batches(ds, batch)  # warm
+    rounds = [(best(lambda: bare_pillow(jpegs), 1), best(lambda: dataset_batches(ds, batch), 1)) for _ in range(repeat)]
+    t_bare, t_ours = (min(column) for column in zip(*rounds, strict=True))
+    return {"bare_ips": n_images / t_bare, "dataset_ips": n_images / t_ours, "ratio": t_bare / t_ours}
+
+
+def b_in_fresh_processes(args: argparse.Namespace, image_set: str, n_processes: int) -> list[dict]:
+    """(b) in ``n_processes`` fresh processes in turn: where a process's code and buffers land in memory
+    (address-space randomisation) moved the bare Pillow loop's speed by 2x on the second VM."""
+    command = [sys.executable, __file__, "--parts", "b-one", "--image-sets", image_set, "--data", str(args.data)]
+    command += ["--work", str(args.work), "--images", str(args.images), "--image-size", str(args.image_size)]
+    command += ["--batch", str(args.batch), "--repeat", str(args.repeat)]
+    runs = []
+    for _ in range(n_processes):
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+    return runs
+
+
+def bench_images(source_path: Path, work: Path, n_images: int, image_size: int, batch: int, repeat: int) -> dict:
+    source, ds, transform, jpegs = image_setup(source_path, work, n_images, image_size)
 
     def bare() -> None:  # the goal's baseline
-        for data in jpegs:
-            Image.open(io.BytesIO(data)).convert("RGB")
+        bare_pillow(jpegs)
 
     def bare_simplejpeg() -> None:  # the fastest bare decode we know, for comparison
         for data in jpegs:
             simplejpeg.decode_jpeg(data, colorspace="RGB")
 
     def batches(dataset: ImageDataset, normalize) -> None:
-        for start in range(0, len(dataset), batch):
-            images, _, _ = dataset.collate([dataset[i] for i in range(start, min(start + batch, len(dataset)))])
-            if normalize is not None:
-                normalize(images)
+        dataset_batches(dataset, batch, normalize)
 
     def ours() -> None:  # uint8 batches at the model's input size: what the ONNX engine takes
         batches(ds, None)
@@ -236,10 +280,19 @@ def main() -> None:
     parser.add_argument("--parts", default="a,b", help="a: index; b: images (b and c)")
     parser.add_argument("--cold", action="store_true", help="(a): drop the file from the page cache before each run")
     parser.add_argument("--image-sets", default="sample,fashion", help="dumps for (b, c): sample, fashion")
+    parser.add_argument(
+        "--processes", type=int, default=0, help="(b) also in this many fresh processes (ratio per process)"
+    )
     args = parser.parse_args()
-
     sample = args.data / "cdiscount" / "train_example.bson"
     fashion = args.data / "fashion" / "train.bson"
+    image_sets = {"sample": sample, "fashion": fashion}
+    if args.parts == "b-one":  # one of --processes' runs: one line of JSON
+        (name,) = args.image_sets.split(",")
+        r = b_one_process(image_sets[name], args.work, args.images, args.image_size, args.batch, args.repeat)
+        print(json.dumps(r))
+        return
+
     big = make_big_dump([fashion, sample], args.work / "big.bson", int(args.big_gb * 1e9))
     big_cdiscount = make_big_dump([sample], args.work / "big_cdiscount.bson", int(args.big_gb * 1e9))
     print(f"cpus {os.cpu_count()}  load average {os.getloadavg()[0]:.2f} (other jobs share this machine)")
@@ -275,6 +328,19 @@ def main() -> None:
                 f"2 workers {r['dataloader_2workers_file_system_ips']:5.0f} "
                 f"(x{r['ratio_2workers_file_system_vs_1proc']:.2f}; file_system)"
             )
+        if args.processes:
+            print(f"\n(b) in {args.processes} fresh processes, bare Pillow decode and dataset in turn in each")
+            for name in args.image_sets.split(","):
+                wait_for_idle(args.max_load, args.wait)
+                runs = b_in_fresh_processes(args, name, args.processes)
+                ratios = sorted(r["ratio"] for r in runs)
+                print(
+                    f"{image_sets[name].name:20s} load {os.getloadavg()[0]:.2f}  ratio median "
+                    f"{statistics.median(ratios):.2f} (range {ratios[0]:.2f}-{ratios[-1]:.2f})  bare decode "
+                    + ", ".join(f"{r['bare_ips']:.0f}" for r in runs)
+                    + "  dataset "
+                    + ", ".join(f"{r['dataset_ips']:.0f}" for r in runs)
+                )
 
 
 if __name__ == "__main__":
