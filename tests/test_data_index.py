@@ -87,6 +87,34 @@ def test_scanner_matches_bson_on_both_layouts_and_int64(tmp_path: Path) -> None:
     assert index.report.n_without_category == 1
 
 
+def test_distinct_categories_counted_however_far_apart(tmp_path: Path) -> None:
+    near = scan_dump(_dump(tmp_path, _doc(1, 7), _doc(2, 9), _doc(3, 7), name="near.bson"), progress=False)
+    far = scan_dump(_dump(tmp_path, _doc(1, 7), _doc(2, 2**40), _doc(3, 7), name="far.bson"), progress=False)
+    assert near.report.n_categories == far.report.n_categories == 2
+
+
+def test_page_cache_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helper maps a window in only if it is cached: the probe tells a cached file from one that
+    is not (where the file system lets the test drop it from the cache), and either way the pass
+    finds the same documents."""
+    path = _dump(tmp_path, *(_doc(pid) for pid in range(1, 50)))
+    monkeypatch.setattr(bson_index, "_WINDOW", 4096)  # several windows, so the helper probes
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        warm = scan_dump(path, progress=False)
+        assert bson_index._in_page_cache(fd, path.stat().st_size - 1)
+        if not hasattr(os, "POSIX_FADV_DONTNEED") or not hasattr(os, "RWF_NOWAIT"):
+            pytest.skip("this system cannot drop a file from the page cache, or cannot ask whether it is there")
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if bson_index._in_page_cache(fd, path.stat().st_size - 1):
+            pytest.skip(f"the file system of {tmp_path} keeps the file cached (tmpfs?)")
+        cold = scan_dump(path, progress=False)
+        assert cold.offset.tolist() == warm.offset.tolist() and len(cold) == 49
+    finally:
+        os.close(fd)
+
+
 def test_empty_dump(tmp_path: Path) -> None:
     index = scan_dump(_dump(tmp_path), progress=False)
     assert len(index) == 0 and index.report.ok
