@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,21 @@ def cdiscount_sample_bson() -> Path:
 @pytest.fixture
 def fashion_dir() -> Path:
     return shared_file("fashion")
+
+
+@pytest.fixture
+def eval_config() -> Callable[[int], dict]:
+    """A timm data config at ``size`` px like EfficientNet-Lite0's (bicubic, crop_pct 0.875, centre
+    crop), with mean and std 0.5: what the data tests give ``resolve_transform``."""
+
+    def config(size: int) -> dict:
+        return {
+            "input_size": (3, size, size),
+            "interpolation": "bicubic",
+            "crop_pct": 0.875,
+            "crop_mode": "center",
+            "mean": (0.5,) * 3,
+            "std": (0.5,) * 3,
+        }
+
+    return config

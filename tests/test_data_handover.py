@@ -18,21 +18,12 @@ from hierclass.data import (
     write_dump,
 )
 
-TRANSFORM = {
-    "input_size": (3, 16, 16),
-    "interpolation": "bicubic",
-    "crop_pct": 0.875,
-    "crop_mode": "center",
-    "mean": (0.5,) * 3,
-    "std": (0.5,) * 3,
-}
-
 
 @pytest.fixture
-def dataset(tmp_path: Path) -> ImageDataset:
+def dataset(tmp_path: Path, eval_config) -> ImageDataset:
     dump = tmp_path / "d.bson"
     write_dump(dump, synthetic_products(40, max_images=3, size=(24, 20)))  # 79 images
-    return ImageDataset(open_source(dump, progress=False), resolve_transform(TRANSFORM))
+    return ImageDataset(open_source(dump, progress=False), resolve_transform(eval_config(16)))
 
 
 def _one_process(ds: ImageDataset, batch_size: int) -> list[torch.Tensor]:

@@ -106,12 +106,11 @@ def test_eval_transform_matches_timm(sample: BsonDump, size: int, crop_mode: str
     assert (got - expected).abs().mean() <= 0.05 * one_level
 
 
-def test_draft_decoding_of_large_jpegs_is_close() -> None:
+def test_draft_decoding_of_large_jpegs_is_close(eval_config) -> None:
     """A JPEG at least twice the resize target is decoded at a reduced scale: nearly the same pixels."""
     import timm.data
 
-    cfg = {"input_size": (3, 64, 64), "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center"}
-    cfg |= {"mean": (0.5,) * 3, "std": (0.5,) * 3}
+    cfg = eval_config(64)
     ours = resolve_transform(cfg)
     y, x = np.mgrid[0:400, 0:300]
     pixels = np.stack([x * 255 // 300, y * 255 // 400, (x + y) % 256], -1).astype(np.uint8)
@@ -139,18 +138,9 @@ def test_dataloader_two_workers(sample: BsonDump) -> None:
     assert sorted(seen) == list(range(110))
 
 
-def test_dataloader_two_workers_resize_per_batch(sample: BsonDump) -> None:
+def test_dataloader_two_workers_resize_per_batch(sample: BsonDump, eval_config) -> None:
     """The batch geometry runs in the workers' collate: the same batches as in one process."""
-    transform = resolve_transform(
-        {
-            "input_size": (3, 64, 64),
-            "interpolation": "bicubic",
-            "crop_pct": 0.875,
-            "crop_mode": "center",
-            "mean": (0.5,) * 3,
-            "std": (0.5,) * 3,
-        }
-    )
+    transform = resolve_transform(eval_config(64))
     ds = ImageDataset(sample, transform)
     loader = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=2, collate_fn=ds.collate)
     batches = list(loader)
