@@ -11,9 +11,9 @@
     batch in ImageDataset.collate) to uint8 batches at the model's input size (the ONNX engine
     normalises inside its graph), in one process, against a bare loop that only decodes the same
     JPEG bytes with Pillow (the two timed in turn, round after round, with (c)); for comparison also
-    a bare simplejpeg decode loop, the same with torch's
-    float normalisation per batch (the torch engine's path), the previous path (one Pillow resize per
-    image), timm's per-image float transform and the dataset without resize;
+    a bare simplejpeg decode loop, the same with torch's float normalisation per batch (the torch
+    engine's path), the previous path (one Pillow resize per image), timm's per-image float
+    transform and the dataset without resize.
     With --processes N, (b) alone also runs in N fresh processes, one after the other (bare decode
     and dataset in turn in each), and the ratio is given per process: on the second VM the bare
     Pillow loop's speed moved by 2x from one process to the next with the address-space layout
@@ -101,7 +101,7 @@ def bench_index(path: Path, repeat: int, cold: bool = False) -> dict:
     machine): the best of each on a warm page cache; cold, the median (the disk's speed drifts)."""
     size = path.stat().st_size
     sequential_read(path)  # warm the page cache for both measurements (or compile the scan, cold)
-    scan_dump(path, progress=False)
+    n = len(scan_dump(path, progress=False))
     times: dict[str, list[float]] = {"read": [], "index": []}
     for _ in range(repeat):
         for name, fn in (("read", lambda: sequential_read(path)), ("index", lambda: scan_dump(path, progress=False))):
@@ -112,7 +112,6 @@ def bench_index(path: Path, repeat: int, cold: bool = False) -> dict:
             times[name].append(time.perf_counter() - t)
     pick = statistics.median if cold else min
     t_read, t_index = pick(times["read"]), pick(times["index"])
-    n = len(scan_dump(path, progress=False))
     return {
         "file": path.name,
         "MB": size / 1e6,
@@ -189,26 +188,23 @@ def bench_images(source_path: Path, work: Path, n_images: int, image_size: int, 
         for data in jpegs:
             simplejpeg.decode_jpeg(data, colorspace="RGB")
 
-    def batches(dataset: ImageDataset, normalize) -> None:
-        dataset_batches(dataset, batch, normalize)
-
     def ours() -> None:  # uint8 batches at the model's input size: what the ONNX engine takes
-        batches(ds, None)
+        dataset_batches(ds, batch)
 
     def ours_float() -> None:  # + torch's float normalisation in this process (what the torch engine does)
-        batches(ds, transform.normalize)
+        dataset_batches(ds, batch, transform.normalize)
 
     def pillow_resize() -> None:  # before: one Pillow resize of the crop's box per image (same decode)
         per_image = transform._one_by_pillow  # noqa: SLF001 (the filter fallback, as a per-image transform)
         dataset = ImageDataset(source, lambda im: per_image(to_tensor(im)), ds.product_row, ds.image_number)
-        batches(dataset, None)
+        dataset_batches(dataset, batch)
 
     def timm_float() -> None:  # before: timm's per-image float transform (bicubic resize, to float, normalise)
         import timm.data
 
         cfg = timm.data.resolve_model_data_config(timm.create_model("tf_efficientnet_lite0", pretrained=False))
         cfg["input_size"] = (3, image_size, image_size)
-        batches(ImageDataset(source, timm.data.create_transform(**cfg), ds.product_row, ds.image_number), None)
+        dataset_batches(ImageDataset(source, timm.data.create_transform(**cfg), ds.product_row, ds.image_number), batch)
 
     def no_resize() -> None:  # uint8 tensors at the stored size (which varies: nothing to stack)
         plain = ImageDataset(source, None, ds.product_row, ds.image_number)
@@ -311,7 +307,7 @@ def main() -> None:
             )
     if "b" in parts:
         print(f"\n(b, c) images/s, {args.images} random images, tf_efficientnet_lite0 at {args.image_size}px")
-        for path in [p for p, name in ((sample, "sample"), (fashion, "fashion")) if name in args.image_sets]:
+        for path in (image_sets[name] for name in args.image_sets.split(",")):
             wait_for_idle(args.max_load, args.wait)
             r = bench_images(path, args.work, args.images, args.image_size, args.batch, args.repeat)
             print(
