@@ -27,7 +27,7 @@ from hierclass.data.sources import (
     products_of,
     write_dump,
 )
-from hierclass.data.splits import split_products
+from hierclass.data.splits import holdout_mask, split_products
 from hierclass.data.synthetic import make_jpeg, synthetic_products
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "open_source",
     "resolve_transform",
     "scan_dump",
+    "holdout_mask",
     "split_products",
     "synthetic_products",
     "to_uint8_tensor",

@@ -40,3 +40,32 @@ def split_products(category_ids: np.ndarray, val_fraction: float = 0.1, seed: in
     rank[order] = np.arange(len(labels)) - np.repeat(starts, sizes)
     is_val = rank < n_val[group]
     return np.flatnonzero(~is_val).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
+
+
+def holdout_mask(product_id: np.ndarray, labels: np.ndarray, fraction: float = 0.1, seed: int = 0) -> np.ndarray:
+    """Hold out a stratified ``fraction`` of the products behind a set of image rows.
+
+    The one split carved from a training set, for early stopping and calibration: image rows
+    are grouped by product (a product's images never straddle the split), each product takes
+    the label of its first image, and :func:`split_products` picks the held-out products.
+
+    Args:
+        product_id: one product id per image row.
+        labels: one label per image row (leaf index; -1 is a label too).
+        fraction: the share of each label's products to hold out, in ``[0, 1)``.
+        seed: the random seed.
+
+    Returns:
+        A boolean mask over the image rows: True for held-out rows.
+    """
+    product_id = np.asarray(product_id).ravel()
+    labels = np.asarray(labels).ravel()
+    if len(product_id) != len(labels):
+        raise ValueError(f"product_id has {len(product_id)} rows but labels has {len(labels)}")
+    if len(product_id) == 0:
+        return np.zeros(0, dtype=bool)
+    products, first, inverse = np.unique(product_id, return_index=True, return_inverse=True)
+    _, held_products = split_products(labels[first], val_fraction=fraction, seed=seed)
+    held = np.zeros(len(products), dtype=bool)
+    held[held_products] = True
+    return held[inverse.ravel()]
