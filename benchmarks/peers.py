@@ -47,7 +47,7 @@ def run_peers(train_dir: str, test_dir: str, tax_csv: str, c: float, out: str) -
     def load(d: str) -> tuple[np.ndarray, np.ndarray]:
         return np.load(f"{d}/features.npy", mmap_mode="r").astype(np.float32), np.load(f"{d}/images.npz")["leaf"]
 
-    (x_train, l_train), (x_test, l_test) = load(train_dir), load(test_dir)
+    (x_train, l_train), (x_test, _) = load(train_dir), load(test_dir)
     scaler = StandardScaler().fit(x_train)
     x_train, x_test = scaler.transform(x_train), scaler.transform(x_test)
 

@@ -344,18 +344,12 @@ class _Log:
 
 @contextmanager
 def _prestandardised(model: nn.Module) -> Iterator[None]:
-    """Let the model take already standardised features (its statistics set aside, then restored)."""
-    norm = model.norm
-    mean, std = norm.mean.clone(), norm.std.clone()
-    with torch.no_grad():
-        norm.mean.zero_()
-        norm.std.fill_(1.0)
+    """Let the model take already standardised features (its statistics kept, not applied)."""
+    model.norm.bypass = True
     try:
         yield
     finally:
-        with torch.no_grad():
-            norm.mean.copy_(mean)
-            norm.std.copy_(std)
+        model.norm.bypass = False
 
 
 def fit_lbfgs(

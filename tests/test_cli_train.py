@@ -88,12 +88,16 @@ def test_run_keeps_its_taxonomy_and_manifest(setup: dict[str, str], tmp_path: Pa
     Path(setup["tax"]).rename(tmp_path / "moved.csv")
     monkeypatch.chdir(tmp_path)
     base = ["--train", setup["train"], "--run", str(run), "--hidden", "4", "--epochs", "1"]
-    result = runner.invoke(app, ["train-flat", *base])
+    for command in ("train-flat", "train-experts"):
+        result = runner.invoke(app, [command, *base])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["evaluate", "--run", str(run), "--features", setup["val"], "--out", "rep"])
     assert result.exit_code == 0, result.output
+    assert (tmp_path / "rep" / "report.md").is_file()
     # A run refuses heads of another taxonomy.
     other = tmp_path / "other.csv"
     other.write_text((tmp_path / "moved.csv").read_text() + "99,BRANCH 9,m,l\n")
-    result = runner.invoke(app, ["train-experts", *base, "--taxonomy", str(other)])
+    result = runner.invoke(app, ["train-experts", *base, "--taxonomy", str(other), "--overwrite"])
     assert result.exit_code == 1 and "labelled with taxonomy" in result.stderr
 
 
