@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from hierclass.cli.app import Progress, command
+from hierclass.cli.app import Progress, command, fail
 from hierclass.errors import DumpError
 
 
@@ -120,9 +120,7 @@ def split_command(
     from hierclass.data import split_dump
 
     if val_fraction >= 1.0:
-        raise typer.BadParameter(
-            f"{val_fraction} is not below 1; keep some products for training", param_hint="'--val-fraction'"
-        )
+        raise fail(f"--val-fraction {val_fraction:g} keeps no products for training; give a value in [0, 1)")
     counts = split_dump(dump, out, val_fraction, seed, cache_dir=cache_dir, progress=progress)
     for name in ("train", "val"):
         typer.echo(
