@@ -132,12 +132,13 @@ def build_models(
     return models
 
 
-def features_cache_dir(run: Path, data: Path) -> Path:
-    """Where the features of ``--data`` are cached: ``RUN/features/<name>-<key>``.
+def features_cache_dir(run: Path, data: Path, hflip: bool = False) -> Path:
+    """Where the features of ``--data`` are cached: ``RUN/features/<name>-<key>[-hflip]``.
 
     The key hashes the source's resolved path, size and modification time (and those of a
     folder's category folders), so two sources of the same name never share a cache, and a
-    source that changed gets a fresh one. ``evaluate`` and ``predict`` both cache here.
+    source that changed gets a fresh one. Features with flipped views (``--tta``) have a
+    cache of their own. ``evaluate`` and ``predict`` both cache here.
     """
     path = data.resolve()
     parts = [str(path)]
@@ -146,7 +147,7 @@ def features_cache_dir(run: Path, data: Path) -> Path:
         st = p.stat()
         parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
-    return run / "features" / f"{data.name}-{key}"
+    return run / "features" / f"{data.name}-{key}{'-hflip' if hflip else ''}"
 
 
 def open_features(
@@ -225,7 +226,7 @@ def evaluate_command(
         fused_alpha=fused_alpha,
         calibrate_dir=calibrate_dir,
     )
-    cache = features_cache_dir(run, data) if data is not None else None
+    cache = features_cache_dir(run, data, tta) if data is not None else None
     store = open_features(models, tax, features, data, cache, tta, progress)
     report = evaluate(
         models,
@@ -293,7 +294,7 @@ def predict_command(
     if model.value not in models:
         raise fail(f"{run}: has no {model.value} model; train it, or pass --model {' or '.join(models)}")
     clf = models[model.value]
-    cache = features_cache or (features_cache_dir(run, data) if data is not None else None)
+    cache = features_cache or (features_cache_dir(run, data, tta) if data is not None else None)
     store = open_features({model.value: clf}, tax, features, data, cache, tta, progress)
     _, products = predict_store(clf, store, how=aggregate.value, tta=tta, k=max(topk, 1))
     skus = None
