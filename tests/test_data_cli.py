@@ -63,6 +63,7 @@ def test_index_unknown_categories(tmp_path: Path) -> None:
     assert "category_id 11 is not in" in result.stderr
     result = runner.invoke(app, ["index", str(dump), "--taxonomy", str(tax), "--strict", "--no-progress"])
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"error: {dump}:") and "category_id 11 is not in" in result.stderr
 
 
 def test_index_missing_dump(tmp_path: Path) -> None:
@@ -83,6 +84,7 @@ def test_import_folder(tmp_path: Path) -> None:
     assert dump.category_ids.tolist() == [5, 5, 6] and dump.read_images(2) == [make_jpeg(3)]
     bad = runner.invoke(app, ["import", str(tmp_path / "none"), "--out", str(out)])
     assert bad.exit_code == 1 and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.stderr.startswith(f"error: {tmp_path / 'none'}: not found; pass a .bson dump")
 
 
 def test_import_csv_with_skus_keeps_them(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from hierclass.cli.app import Progress, command, progress_bars
+from hierclass.cli.app import Progress, command, fail, progress_bars
 from hierclass.defaults import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 
 SYNTHETIC_BANNER = (
@@ -73,7 +73,7 @@ def demo(
     from hierclass.pipeline import PipelineConfig, format_table, run_pipeline, summary_rows
 
     if (train is None) != (val is None) or (train is None) != (taxonomy is None):
-        raise typer.BadParameter("give --train, --val and --taxonomy together, or none of them")
+        raise fail("give --train, --val and --taxonomy together, or none of them (for the embedded default)")
     label, work = "your data", out / "run"
     if train is None:
         fashion = None if synthetic else find_fashion()
