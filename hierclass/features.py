@@ -14,7 +14,6 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from hierclass.data import PREPROCESS, EvalTransform, ImageDataset, image_rows, open_source, resolve_transform
+from hierclass.defaults import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Engine
 from hierclass.featurestore import BAD, OK, FeatureStore, FeatureStoreError
-from hierclass.models.backbone import LITE0_MODEL, create_backbone, data_config, source_fingerprint
+from hierclass.models.backbone import create_backbone, data_config, source_fingerprint
 from hierclass.onnx_runtime import OnnxBackbone, export_onnx, stamp_of
 from hierclass.taxonomy import Taxonomy
 
 ONNX_FILE = "backbone.onnx"
 LOCK_FILE = ".extract.lock"  # flock()ed by the one extract_features call writing the folder
-DEFAULT_BACKBONE = LITE0_MODEL
-DEFAULT_PRETRAINED = "efficientnet-lite0"
 SETTINGS = (  # what must be equal for a feature folder to be resumed (or reused as it is)
     "backbone",
     "pretrained",
@@ -46,13 +44,6 @@ SETTINGS = (  # what must be equal for a feature folder to be resumed (or reused
     "n_images",
     "taxonomy_fingerprint",
 )
-
-
-class Engine(str, Enum):
-    """What runs the backbone: ONNX Runtime (fast on CPU) or eager torch."""
-
-    onnx = "onnx"
-    torch = "torch"
 
 
 class FeatureExtractor:
@@ -193,7 +184,7 @@ def extract_features(
     out = Path(out)
     engine = Engine(engine)
     tax = taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy.from_csv(taxonomy)
-    source = data if hasattr(data, "read_images") else open_source(data, progress=progress)
+    source = data if hasattr(data, "read_images") else open_source(data, progress=progress, taxonomy=tax)
     product_row, image_number = image_rows(source)
     product_row = np.asarray(product_row, dtype=np.int64)
     image_number = np.asarray(image_number, dtype=np.int64)
