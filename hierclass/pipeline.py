@@ -190,14 +190,19 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
         rows.append(
             (
                 name,
-                f"{m['leaf_top1']:.4f}",
-                f"{m['level1_acc']:.4f}",
-                f"{m['level2_acc']:.4f}",
-                f"{m['mistake_severity']:.3f}",
-                f"{m['product']['leaf_top1']:.4f}",
+                _num(m["leaf_top1"]),
+                _num(m["level1_acc"]),
+                _num(m["level2_acc"]),
+                _num(m["mistake_severity"], 3),  # None when the model makes no mistake
+                _num(m["product"]["leaf_top1"]),
             )
         )
     return rows
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    """A figure of the summary table; "–" for one that cannot be computed (``None`` in report.json)."""
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def format_table(rows: list[tuple[str, ...]]) -> str:

@@ -80,3 +80,9 @@ def test_fashion_subset_is_stratified_and_reused(tmp_path: Path, catalogue) -> N
         assert sub.category_ids[p] == full.category_ids[q] and sub.read_images(p) == full.read_images(q)
     assert fashion_subset(catalogue.train, out, 0.5) == out  # written once, then reused
     assert fashion_subset(catalogue.train, tmp_path / "x.bson", 1.0) == catalogue.train
+
+
+def test_summary_rows_when_a_model_makes_no_mistake() -> None:
+    perfect = {"leaf_top1": 1.0, "level1_acc": 1.0, "level2_acc": 1.0, "mistake_severity": None}
+    report = {"meta": {"models": ["flat"]}, "flat": {**perfect, "product": {"leaf_top1": 1.0}}}
+    assert summary_rows(report)[1] == ("flat", "1.0000", "1.0000", "1.0000", "–", "1.0000")
