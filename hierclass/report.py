@@ -131,6 +131,7 @@ def evaluate(
     if not classifiers:
         raise ValueError("classifiers is empty; pass at least one model to evaluate")
     taxonomy = next(iter(classifiers.values())).taxonomy
+    check_store(store, classifiers)
     if tta and "hflip" not in store.meta.get("views", []):
         raise FeatureStoreError(f"{store.root}: no 'hflip' features for --tta; extract the features with --hflip")
     if not (store.leaf[store.valid] >= 0).any():
@@ -462,12 +463,27 @@ def features_meta(classifiers: Mapping[str, Classifier]) -> dict[str, Any]:
     return found or {}
 
 
-def check_store(store: FeatureStore, classifiers: Mapping[str, Classifier]) -> None:
-    """Refuse features of another taxonomy or another backbone than the heads were trained on."""
+def check_store(store: FeatureStore, classifiers: Mapping[str, Classifier], run: str | Path | None = None) -> None:
+    """Refuse features of another taxonomy, width or backbone than the heads were trained on.
+
+    Args:
+        store: the features to score or calibrate on.
+        classifiers: the models that will read them.
+        run: the run directory the heads come from (named in the error).
+    """
     from hierclass.checkpoint import backbone_config
 
     taxonomy = next(iter(classifiers.values())).taxonomy
     store.check_taxonomy(taxonomy.fingerprint, f"the taxonomy {taxonomy.source}")
+    for clf in classifiers.values():
+        for head, meta in clf.meta.items():
+            width = (meta.get("head") or {}).get("dim")
+            if width is not None and int(width) != store.dim:
+                where = f"the {head} head of {run}" if run is not None else f"the {head} head"
+                raise FeatureStoreError(
+                    f"{store.root}: features are {store.dim} wide but {where} takes {int(width)}; "
+                    "extract the features with the backbone the run was trained on"
+                )
     trained = backbone_config(features_meta(classifiers))
     here = backbone_config(store.meta)
     if trained and here != trained:

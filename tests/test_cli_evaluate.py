@@ -14,6 +14,7 @@ from hierclass.engine import KINDS, TrainConfig, train_head
 from hierclass.features import extract_features
 from hierclass.featurestore import FeatureStore
 from hierclass.report import evaluate, load_run
+from hierclass.synthetic import write_synthetic_store
 from hierclass.taxonomy import Taxonomy
 
 runner = CliRunner()
@@ -104,6 +105,10 @@ def test_cli_errors_are_one_line(run: tuple[Path, Path, Path], tmp_path: Path) -
     assert "pass them with --calibrate" in one_error_line(runner.invoke(app, [*ev, "--fused-alpha", "auto"]))
     assert "outside [0, 1]" in one_error_line(runner.invoke(app, [*ev, "--fused-alpha", "2"]))
     assert "not a number" in one_error_line(runner.invoke(app, [*ev, "--fused-alpha", "half"]))
+    write_synthetic_store(tmp_path / "narrow", Taxonomy.from_csv(tax_csv), n=10, dim=8)
+    narrow = ["predict", "--run", str(run_dir), "--features", str(tmp_path / "narrow"), "--out", str(tmp_path / "p")]
+    line = one_error_line(runner.invoke(app, narrow))
+    assert "features are 8 wide" in line and str(run_dir) in line and "takes 12" in line
 
 
 def test_end_to_end_from_a_dump(tmp_path: Path) -> None:

@@ -136,6 +136,11 @@ def test_load_run_alone_and_errors(run: tuple[Path, Path, Path], tmp_path: Path)
     other = write_synthetic_store(tmp_path / "other", tax, n=10, dim=12, meta={"backbone": "resnet50"})
     with pytest.raises(FeatureStoreError, match="backbone"):
         check_store(other, load_run(run_dir, tax))
+    narrow = write_synthetic_store(tmp_path / "narrow", tax, n=10, dim=8)
+    with pytest.raises(FeatureStoreError, match=r"narrow: features are 8 wide but the flat head of .*run takes 12"):
+        check_store(narrow, load_run(run_dir, tax), run_dir)
+    with pytest.raises(FeatureStoreError, match="8 wide"):  # evaluate refuses them too, before any forward pass
+        evaluate(load_run(run_dir, tax), narrow)
     with pytest.raises(FeatureStoreError, match="hflip"):
         evaluate(load_run(run_dir, tax), FeatureStore.open(val_dir), tta=True)
     with pytest.raises(ValueError, match="reserved"):

@@ -135,6 +135,7 @@ def build_models(
 
 
 def open_features(
+    run: Path,
     models: dict[str, Classifier],
     taxonomy: Taxonomy,
     features: Path | None,
@@ -166,7 +167,7 @@ def open_features(
             image_size=int(size[-1]) if size else None,
             hflip=tta,
         )
-    check_store(store, models)
+    check_store(store, models, run)
     return store
 
 
@@ -197,7 +198,7 @@ def evaluate_command(
         fused_alpha=fused_alpha,
         calibrate_dir=calibrate_dir,
     )
-    store = open_features(models, tax, features, data, out / "features", tta)
+    store = open_features(run, models, tax, features, data, out / "features", tta)
     report = evaluate(
         models,
         store,
@@ -255,7 +256,7 @@ def predict_command(
         raise fail(f"{run}: has no {model.value} model; train it, or pass --model {' or '.join(models)}")
     clf = models[model.value]
     cache = features_cache or run / "features" / (data.name if data is not None else "features")
-    store = open_features({model.value: clf}, tax, features, data, cache, tta)
+    store = open_features(run, {model.value: clf}, tax, features, data, cache, tta)
     _, products = predict_store(clf, store, how=aggregate.value, tta=tta, k=max(topk, 1))
     if data is not None:
         from hierclass.data import open_source
