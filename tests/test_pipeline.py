@@ -86,3 +86,28 @@ def test_summary_rows_when_a_model_makes_no_mistake() -> None:
     perfect = {"leaf_top1": 1.0, "level1_acc": 1.0, "level2_acc": 1.0, "mistake_severity": None}
     report = {"meta": {"models": ["flat"]}, "flat": {**perfect, "product": {"leaf_top1": 1.0}}}
     assert summary_rows(report)[1] == ("flat", "1.0000", "1.0000", "1.0000", "–", "1.0000")
+
+
+def test_fashion_is_found_from_any_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import SHARED_DATA, shared_file
+
+    from hierclass.cli.demo import data_roots, find_fashion
+
+    shared_file("fashion", "train.bson")
+    monkeypatch.chdir(tmp_path)  # nowhere near the checkout
+    assert find_fashion(data_roots()) == SHARED_DATA / "fashion"
+
+
+def test_demo_data_root(tmp_path: Path) -> None:
+    from hierclass.cli.demo import find_fashion
+
+    root = tmp_path / "data"
+    (root / "fashion").mkdir(parents=True)
+    for name in ("train.bson", "val.bson"):
+        (root / "fashion" / name).touch()
+    assert find_fashion([tmp_path / "nothing", root]) is None  # category_names.csv missing
+    (root / "fashion" / "category_names.csv").touch()
+    assert find_fashion([tmp_path / "nothing", root]) == root / "fashion"
+    result = CliRunner().invoke(app, ["demo", "--data-root", str(tmp_path / "nothing"), "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "--data-root" in result.output
+    assert str(tmp_path / "nothing" / "fashion") in result.output.replace("\n", "")
