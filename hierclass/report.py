@@ -55,10 +55,11 @@ from hierclass.inference import (
     Predictions,
     predict_store,
 )
-from hierclass.metrics import N_BINS, abstention_depth, summarize
+from hierclass.metrics import N_BINS, abstention_depth, paired_comparison, summarize
 from hierclass.taxonomy import Taxonomy
 
 RESERVED = ("meta",)
+BASELINE = "flat"  # every other model gets a verdict against it
 MAIN_METRICS = (
     ("leaf_top1", "leaf top-1"),
     ("leaf_top5", "leaf top-5"),
@@ -153,12 +154,26 @@ def evaluate(
             **dict(meta or {}),
         }
     }
+    correct: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, clf in classifiers.items():
         images, products = predict_store(
             clf, store, how=how, tta=tta, chunk_images=chunk_images, oracle=isinstance(clf, HierarchicalClassifier)
         )
         report[name] = model_report(images, products, taxonomy, abstain_threshold, settings_of(clf))
+        correct[name] = (_correct(images), _correct(products))
+    if BASELINE in classifiers:
+        base_images, base_products = correct[BASELINE]
+        for name in classifiers:
+            if name != BASELINE:
+                report[name]["vs_flat"] = paired_comparison(correct[name][0], base_images)
+                report[name]["product"]["vs_flat"] = paired_comparison(correct[name][1], base_products)
     return report
+
+
+def _correct(preds: Predictions) -> np.ndarray:
+    """Whether each labelled sample's top leaf is right (in the predictions' order)."""
+    known = preds.leaf >= 0
+    return preds.pred[known] == preds.leaf[known]
 
 
 def model_report(
@@ -233,6 +248,29 @@ def _metric_table(report: Mapping[str, Any], level: str) -> str:
     return _table(["metric", *names], rows)
 
 
+def verdict_text(name: str, comparison: Mapping[str, Any], unit: str = "images") -> str:
+    """One model's verdict against flat, in one line: difference, 95% interval, McNemar p, verdict."""
+    c = comparison
+    if c.get("diff") is None:
+        return f"{name} vs {BASELINE}: no {unit} to compare"
+    return (
+        f"{name} vs {BASELINE}: {100 * c['diff']:+.2f} points leaf top-1 "
+        f"(95% CI {100 * c['ci_low']:+.2f} to {100 * c['ci_high']:+.2f}, paired bootstrap), "
+        f"McNemar p={c['mcnemar_p']:.3g} ({c['wins']} {unit} won, {c['losses']} lost of {c['n']}): "
+        f"{c['verdict']}"
+    )
+
+
+def verdict_lines(report: Mapping[str, Any], level: str = "image") -> list[str]:
+    """The verdict of every model that has one (every model but flat, when flat was scored)."""
+    lines = []
+    for name in models_of(report):
+        entry = report[name] if level == "image" else report[name]["product"]
+        if "vs_flat" in entry:
+            lines.append(verdict_text(name, entry["vs_flat"], f"{level}s"))
+    return lines
+
+
 def markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     """The human-readable report."""
     meta = report["meta"]
@@ -255,6 +293,7 @@ def markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         "",
         _table(["model", "settings"], [[n, _settings_text(report[n]["settings"])] for n in names]),
         "",
+        *_verdict_markdown(report),
         "## Images",
         "",
         _metric_table(report, "image"),
@@ -281,6 +320,21 @@ def markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     if "coverage" in plots:
         out += [f"![accuracy against coverage]({plots['coverage']})", ""]
     return "\n".join(out)
+
+
+def _verdict_markdown(report: Mapping[str, Any]) -> list[str]:
+    images, products = verdict_lines(report, "image"), verdict_lines(report, "product")
+    if not images:
+        return []
+    return [
+        f"## Verdict against {BASELINE}",
+        "",
+        "Leaf top-1 difference on the same images (then products), its paired-bootstrap 95% interval "
+        "and McNemar's exact p. *better* / *worse* when the interval excludes 0.",
+        "",
+        *(f"- {line}" for line in images + products),
+        "",
+    ]
 
 
 def _settings_text(settings: Mapping[str, Any]) -> str:

@@ -39,6 +39,7 @@ def test_evaluate_features(run: tuple[Path, Path, Path], tmp_path: Path) -> None
     result = runner.invoke(app, [*args, "--abstain-threshold", "0.6", "--fused-alpha", "0.3", "--combine", "topk"])
     assert result.exit_code == 0, result.output
     assert "hierarchical" in result.stdout and "report.md" in result.stdout
+    assert "hierarchical vs flat: " in result.stdout and "fused vs flat: " in result.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["meta"]["models"] == ["flat", "hierarchical", "fused"]
     assert report["meta"]["abstain_threshold"] == 0.6 and report["hierarchical"]["abstain"]["threshold"] == 0.6

@@ -215,6 +215,10 @@ def evaluate_command(
             f"level-1 {r['level1_acc']:.4f}  hF1 {r['hierarchical_f1']:.4f}  "
             f"on {r['n_images']} images / {r['n_products']} products"
         )
+    from hierclass.report import verdict_lines
+
+    for line in verdict_lines(report):
+        typer.echo(line)
     typer.echo(f"report       {md}")
 
 
