@@ -247,3 +247,69 @@ def summarize(
     if abstain_threshold is not None:
         out["abstain"] = next(r for r in out["abstention"] if r["threshold"] == float(abstain_threshold))
     return out
+
+
+# ---------------------------------------------------------------------------- paired comparison
+N_BOOTSTRAP = 10_000
+
+
+def mcnemar_p(wins: int, losses: int) -> float:
+    """Two-sided exact McNemar p-value: the binomial test of ``wins`` against ``losses`` at 1/2.
+
+    ``wins`` and ``losses`` are the discordant pairs (one model right, the other wrong). The
+    exact test is used whatever their number (the chi-square approximation is only a
+    shortcut for large counts); 1.0 when there is no discordant pair.
+    """
+    n, k = int(wins) + int(losses), min(int(wins), int(losses))
+    if n == 0:
+        return 1.0
+    # log C(n, i) - n log 2 for i = 0..k, built as a running sum (exact in log space, no overflow)
+    i = np.arange(1, k + 1)
+    log_pmf = np.concatenate([[0.0], np.cumsum(np.log((n - i + 1) / i))]) - n * math.log(2.0)
+    return min(1.0, 2.0 * float(np.exp(log_pmf).sum()))
+
+
+def paired_comparison(
+    correct: np.ndarray, baseline_correct: np.ndarray, n_boot: int = N_BOOTSTRAP, seed: int = 0
+) -> dict[str, Any]:
+    """Accuracy difference of a model against a baseline on the same samples, with its uncertainty.
+
+    The 95% interval is the percentile interval of a paired bootstrap (samples drawn with
+    replacement, both models kept together). Only the discordant samples move the
+    difference, so a resample is drawn as multinomial counts of (wins, losses, ties): the
+    same distribution as resampling the samples, at a cost independent of their number.
+
+    Args:
+        correct: whether the model is right, per sample.
+        baseline_correct: whether the baseline is right on the same samples, in the same order.
+        n_boot: bootstrap resamples.
+        seed: the random seed (the same inputs and seed give the same interval).
+
+    Returns:
+        ``diff`` (accuracy minus the baseline's), ``ci_low``, ``ci_high``, ``mcnemar_p``,
+        ``wins`` (model right, baseline wrong), ``losses``, ``n`` and ``verdict``:
+        ``"better"`` / ``"worse"`` when the interval excludes 0, else ``"no clear difference"``.
+    """
+    a, b = np.asarray(correct, dtype=bool), np.asarray(baseline_correct, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"correct has {a.shape} samples but baseline_correct has {b.shape}")
+    n = len(a)
+    wins, losses = int((a & ~b).sum()), int((~a & b).sum())
+    if n == 0:
+        return {"diff": None, "ci_low": None, "ci_high": None, "mcnemar_p": None, "wins": 0, "losses": 0,
+                "n": 0, "verdict": "no samples"}  # fmt: skip
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n, [wins / n, losses / n, (n - wins - losses) / n], size=n_boot)
+    diffs = (counts[:, 0] - counts[:, 1]) / n
+    lo, hi = np.quantile(diffs, [0.025, 0.975])
+    verdict = "better" if lo > 0 else "worse" if hi < 0 else "no clear difference"
+    return {
+        "diff": float((wins - losses) / n),
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "mcnemar_p": mcnemar_p(wins, losses),
+        "wins": wins,
+        "losses": losses,
+        "n": n,
+        "verdict": verdict,
+    }

@@ -185,21 +185,38 @@ def pipeline_meta(config: PipelineConfig, run: Path) -> dict[str, Any]:
 
 
 def summary_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
-    """One row per model: image-level leaf top-1, level-1, level-2, severity, and product-level leaf top-1."""
-    rows = [("model", "leaf top-1", "level-1", "level-2", "mistake severity", "product top-1")]
+    """One row per model: image-level leaf top-1, level-1, level-2, severity, product-level leaf top-1, and
+    the image-level verdict against flat (difference in points, 95% interval, McNemar p)."""
+    rows = [("model", "leaf top-1", "level-1", "level-2", "mistake severity", "product top-1", "vs flat (images)")]
     for name in report["meta"]["models"]:
         m = report[name]
+        v = m.get("vs_flat")
+        if v is None:
+            verdict = "baseline"
+        elif v["diff"] is None:
+            verdict = "–"
+        else:
+            verdict = (
+                f"{100 * v['diff']:+.2f} pts [{100 * v['ci_low']:+.2f}, {100 * v['ci_high']:+.2f}] "
+                f"p={v['mcnemar_p']:.2g}: {v['verdict']}"
+            )
         rows.append(
             (
                 name,
-                f"{m['leaf_top1']:.4f}",
-                f"{m['level1_acc']:.4f}",
-                f"{m['level2_acc']:.4f}",
-                f"{m['mistake_severity']:.3f}",
-                f"{m['product']['leaf_top1']:.4f}",
+                _num(m["leaf_top1"]),
+                _num(m["level1_acc"]),
+                _num(m["level2_acc"]),
+                _num(m["mistake_severity"], 3),  # None when the model makes no mistake
+                _num(m["product"]["leaf_top1"]),
+                verdict,
             )
         )
     return rows
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    """A figure of the summary table; "–" for one that cannot be computed (``None`` in report.json)."""
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def format_table(rows: list[tuple[str, ...]]) -> str:

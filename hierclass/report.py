@@ -55,10 +55,11 @@ from hierclass.inference import (
     Predictions,
     predict_store,
 )
-from hierclass.metrics import N_BINS, abstention_depth, summarize
+from hierclass.metrics import N_BINS, abstention_depth, paired_comparison, summarize
 from hierclass.taxonomy import Taxonomy
 
 RESERVED = ("meta",)
+BASELINE = "flat"  # every other model gets a verdict against it
 MAIN_METRICS = (
     ("leaf_top1", "leaf top-1"),
     ("leaf_top5", "leaf top-5"),
@@ -131,6 +132,7 @@ def evaluate(
     if not classifiers:
         raise ValueError("classifiers is empty; pass at least one model to evaluate")
     taxonomy = next(iter(classifiers.values())).taxonomy
+    check_store(store, classifiers)
     if tta and "hflip" not in store.meta.get("views", []):
         raise FeatureStoreError(f"{store.root}: no 'hflip' features for --tta; extract the features with --hflip")
     if not (store.leaf[store.valid] >= 0).any():
@@ -152,12 +154,26 @@ def evaluate(
             **dict(meta or {}),
         }
     }
+    correct: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, clf in classifiers.items():
         images, products = predict_store(
             clf, store, how=how, tta=tta, chunk_images=chunk_images, oracle=isinstance(clf, HierarchicalClassifier)
         )
         report[name] = model_report(images, products, taxonomy, abstain_threshold, settings_of(clf))
+        correct[name] = (_correct(images), _correct(products))
+    if BASELINE in classifiers:
+        base_images, base_products = correct[BASELINE]
+        for name in classifiers:
+            if name != BASELINE:
+                report[name]["vs_flat"] = paired_comparison(correct[name][0], base_images)
+                report[name]["product"]["vs_flat"] = paired_comparison(correct[name][1], base_products)
     return report
+
+
+def _correct(preds: Predictions) -> np.ndarray:
+    """Whether each labelled sample's top leaf is right (in the predictions' order)."""
+    known = preds.leaf >= 0
+    return preds.pred[known] == preds.leaf[known]
 
 
 def model_report(
@@ -232,6 +248,29 @@ def _metric_table(report: Mapping[str, Any], level: str) -> str:
     return _table(["metric", *names], rows)
 
 
+def verdict_text(name: str, comparison: Mapping[str, Any], unit: str = "images") -> str:
+    """One model's verdict against flat, in one line: difference, 95% interval, McNemar p, verdict."""
+    c = comparison
+    if c.get("diff") is None:
+        return f"{name} vs {BASELINE}: no {unit} to compare"
+    return (
+        f"{name} vs {BASELINE}: {100 * c['diff']:+.2f} points leaf top-1 "
+        f"(95% CI {100 * c['ci_low']:+.2f} to {100 * c['ci_high']:+.2f}, paired bootstrap), "
+        f"McNemar p={c['mcnemar_p']:.3g} ({c['wins']} {unit} won, {c['losses']} lost of {c['n']}): "
+        f"{c['verdict']}"
+    )
+
+
+def verdict_lines(report: Mapping[str, Any], level: str = "image") -> list[str]:
+    """The verdict of every model that has one (every model but flat, when flat was scored)."""
+    lines = []
+    for name in models_of(report):
+        entry = report[name] if level == "image" else report[name]["product"]
+        if "vs_flat" in entry:
+            lines.append(verdict_text(name, entry["vs_flat"], f"{level}s"))
+    return lines
+
+
 def markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     """The human-readable report."""
     meta = report["meta"]
@@ -254,6 +293,7 @@ def markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         "",
         _table(["model", "settings"], [[n, _settings_text(report[n]["settings"])] for n in names]),
         "",
+        *_verdict_markdown(report),
         "## Images",
         "",
         _metric_table(report, "image"),
@@ -280,6 +320,21 @@ def markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     if "coverage" in plots:
         out += [f"![accuracy against coverage]({plots['coverage']})", ""]
     return "\n".join(out)
+
+
+def _verdict_markdown(report: Mapping[str, Any]) -> list[str]:
+    images, products = verdict_lines(report, "image"), verdict_lines(report, "product")
+    if not images:
+        return []
+    return [
+        f"## Verdict against {BASELINE}",
+        "",
+        "Leaf top-1 difference on the same images (then products), its paired-bootstrap 95% interval "
+        "and McNemar's exact p. *better* / *worse* when the interval excludes 0.",
+        "",
+        *(f"- {line}" for line in images + products),
+        "",
+    ]
 
 
 def _settings_text(settings: Mapping[str, Any]) -> str:
@@ -462,12 +517,27 @@ def features_meta(classifiers: Mapping[str, Classifier]) -> dict[str, Any]:
     return found or {}
 
 
-def check_store(store: FeatureStore, classifiers: Mapping[str, Classifier]) -> None:
-    """Refuse features of another taxonomy or another backbone than the heads were trained on."""
+def check_store(store: FeatureStore, classifiers: Mapping[str, Classifier], run: str | Path | None = None) -> None:
+    """Refuse features of another taxonomy, width or backbone than the heads were trained on.
+
+    Args:
+        store: the features to score or calibrate on.
+        classifiers: the models that will read them.
+        run: the run directory the heads come from (named in the error).
+    """
     from hierclass.checkpoint import backbone_config
 
     taxonomy = next(iter(classifiers.values())).taxonomy
     store.check_taxonomy(taxonomy.fingerprint, f"the taxonomy {taxonomy.source}")
+    for clf in classifiers.values():
+        for head, meta in clf.meta.items():
+            width = (meta.get("head") or {}).get("dim")
+            if width is not None and int(width) != store.dim:
+                where = f"the {head} head of {run}" if run is not None else f"the {head} head"
+                raise FeatureStoreError(
+                    f"{store.root}: features are {store.dim} wide but {where} takes {int(width)}; "
+                    "extract the features with the backbone the run was trained on"
+                )
     trained = backbone_config(features_meta(classifiers))
     here = backbone_config(store.meta)
     if trained and here != trained:

@@ -14,6 +14,7 @@ from hierclass.engine import KINDS, TrainConfig, train_head
 from hierclass.features import extract_features
 from hierclass.featurestore import FeatureStore
 from hierclass.report import evaluate, load_run
+from hierclass.synthetic import write_synthetic_store
 from hierclass.taxonomy import Taxonomy
 
 runner = CliRunner()
@@ -38,6 +39,7 @@ def test_evaluate_features(run: tuple[Path, Path, Path], tmp_path: Path) -> None
     result = runner.invoke(app, [*args, "--abstain-threshold", "0.6", "--fused-alpha", "0.3", "--combine", "topk"])
     assert result.exit_code == 0, result.output
     assert "hierarchical" in result.stdout and "report.md" in result.stdout
+    assert "hierarchical vs flat: " in result.stdout and "fused vs flat: " in result.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["meta"]["models"] == ["flat", "hierarchical", "fused"]
     assert report["meta"]["abstain_threshold"] == 0.6 and report["hierarchical"]["abstain"]["threshold"] == 0.6
@@ -104,6 +106,10 @@ def test_cli_errors_are_one_line(run: tuple[Path, Path, Path], tmp_path: Path) -
     assert "pass them with --calibrate" in one_error_line(runner.invoke(app, [*ev, "--fused-alpha", "auto"]))
     assert "outside [0, 1]" in one_error_line(runner.invoke(app, [*ev, "--fused-alpha", "2"]))
     assert "not a number" in one_error_line(runner.invoke(app, [*ev, "--fused-alpha", "half"]))
+    write_synthetic_store(tmp_path / "narrow", Taxonomy.from_csv(tax_csv), n=10, dim=8)
+    narrow = ["predict", "--run", str(run_dir), "--features", str(tmp_path / "narrow"), "--out", str(tmp_path / "p")]
+    line = one_error_line(runner.invoke(app, narrow))
+    assert "features are 8 wide" in line and str(run_dir) in line and "takes 12" in line
 
 
 def test_end_to_end_from_a_dump(tmp_path: Path) -> None:

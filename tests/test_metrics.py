@@ -119,3 +119,36 @@ def test_summarize_consistency(tax: Taxonomy) -> None:
     assert s["abstain"]["threshold"] == 0.42 and len(s["per_branch"]) == 2
     assert sum(b["count"] for b in s["reliability"]) == 290
     assert sum(r["n"] for r in s["per_branch"]) == 290
+
+
+def test_mcnemar_exact_against_hand_computed() -> None:
+    from hierclass.metrics import mcnemar_p
+
+    assert mcnemar_p(0, 5) == pytest.approx(2 / 32)  # 2 * P(X <= 0), X ~ Bin(5, 1/2)
+    assert mcnemar_p(10, 3) == pytest.approx(2 * (1 + 13 + 78 + 286) / 2**13)
+    assert mcnemar_p(7, 7) == 1.0 and mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(500, 560) == pytest.approx(0.0699096, rel=1e-5)  # scipy.stats.binomtest(500, 1060)
+
+
+def test_paired_comparison_matches_resampling_the_samples() -> None:
+    from hierclass.metrics import paired_comparison
+
+    rng = np.random.default_rng(3)
+    flat = rng.random(1500) < 0.75
+    model = np.where(rng.random(1500) < 0.15, ~flat, flat)  # disagrees on ~15% of the samples
+    out = paired_comparison(model, flat, seed=0)
+    assert out == paired_comparison(model, flat, seed=0)  # deterministic
+    assert out["diff"] == pytest.approx(model.mean() - flat.mean())
+    assert out["wins"] == int((model & ~flat).sum()) and out["n"] == 1500
+    # the reference: resample the samples themselves, both models together
+    idx = np.random.default_rng(1).integers(0, 1500, size=(4000, 1500))
+    ref = np.quantile(model[idx].mean(axis=1) - flat[idx].mean(axis=1), [0.025, 0.975])
+    assert out["ci_low"] == pytest.approx(ref[0], abs=0.003) and out["ci_high"] == pytest.approx(ref[1], abs=0.003)
+    assert out["ci_low"] < out["diff"] < out["ci_high"]
+    sign = "worse" if out["ci_high"] < 0 else "better" if out["ci_low"] > 0 else "no clear difference"
+    assert out["verdict"] == sign
+    better = paired_comparison(flat | (rng.random(1500) < 0.2), flat)
+    assert better["verdict"] == "better" and better["ci_low"] > 0 and better["mcnemar_p"] < 1e-6
+    assert paired_comparison(flat, flat | (rng.random(1500) < 0.2))["verdict"] == "worse"
+    with pytest.raises(ValueError, match="samples"):
+        paired_comparison(flat, flat[:10])

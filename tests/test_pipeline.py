@@ -59,6 +59,7 @@ def test_demo_command_labels_synthetic(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert result.output.count("SYNTHETIC DATA") == 2
     assert "hierarchical" in result.output and "fused" in result.output
+    assert "vs flat (images)" in result.output and "baseline" in result.output and " p=" in result.output
 
 
 def test_demo_needs_all_three_paths(tmp_path: Path) -> None:
@@ -84,3 +85,39 @@ def test_fashion_subset_is_stratified_and_reused(tmp_path: Path, catalogue) -> N
         assert sub.category_ids[p] == full.category_ids[q] and sub.read_images(p) == full.read_images(q)
     assert fashion_subset(catalogue.train, out, 0.5) == out  # written once, then reused
     assert fashion_subset(catalogue.train, tmp_path / "x.bson", 1.0) == catalogue.train
+
+
+def test_summary_rows_when_a_model_makes_no_mistake() -> None:
+    perfect = {"leaf_top1": 1.0, "level1_acc": 1.0, "level2_acc": 1.0, "mistake_severity": None}
+    report = {"meta": {"models": ["flat"]}, "flat": {**perfect, "product": {"leaf_top1": 1.0}}}
+    assert summary_rows(report)[1] == ("flat", "1.0000", "1.0000", "1.0000", "–", "1.0000", "baseline")
+    report["meta"]["models"].append("hier")
+    versus = {"diff": -0.0072, "ci_low": -0.021, "ci_high": 0.0066, "mcnemar_p": 0.314}
+    versus["verdict"] = "no clear difference"
+    report["hier"] = {**perfect, "mistake_severity": 1.5, "product": {"leaf_top1": 0.9}, "vs_flat": versus}
+    assert summary_rows(report)[2][-2:] == ("0.9000", "-0.72 pts [-2.10, +0.66] p=0.31: no clear difference")
+
+
+def test_fashion_is_found_from_any_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import SHARED_DATA, shared_file
+
+    from hierclass.cli.demo import data_roots, find_fashion
+
+    shared_file("fashion", "train.bson")
+    monkeypatch.chdir(tmp_path)  # nowhere near the checkout
+    assert find_fashion(data_roots()) == SHARED_DATA / "fashion"
+
+
+def test_demo_data_root(tmp_path: Path) -> None:
+    from hierclass.cli.demo import find_fashion
+
+    root = tmp_path / "data"
+    (root / "fashion").mkdir(parents=True)
+    for name in ("train.bson", "val.bson"):
+        (root / "fashion" / name).touch()
+    assert find_fashion([tmp_path / "nothing", root]) is None  # category_names.csv missing
+    (root / "fashion" / "category_names.csv").touch()
+    assert find_fashion([tmp_path / "nothing", root]) == root / "fashion"
+    result = CliRunner().invoke(app, ["demo", "--data-root", str(tmp_path / "nothing"), "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "--data-root" in result.output
+    assert str(tmp_path / "nothing" / "fashion") in result.output.replace("\n", "")

@@ -112,10 +112,20 @@ def test_evaluate_report_keys_and_consistency(run: tuple[Path, Path, Path], tmp_
     # hard routing: the predicted leaf is in the router's branch
     assert report["hard"]["level1_acc"] == pytest.approx(report["hard"]["router_acc"])
     assert report["hard"]["settings"]["combine"] == "hard" and report["fused"]["settings"]["alpha"] == 0.5
+    # a verdict against flat for every other model, on the same images and products
+    assert "vs_flat" not in report["flat"]
+    for name in ("hierarchical", "hard", "fused"):
+        for level in (report[name], report[name]["product"]):
+            v, flat = level["vs_flat"], report["flat"] if level is report[name] else report["flat"]["product"]
+            assert v["diff"] == pytest.approx(level["leaf_top1"] - flat["leaf_top1"])
+            assert v["ci_low"] <= v["diff"] <= v["ci_high"] and 0 < v["mcnemar_p"] <= 1
+            assert v["n"] == (240 if level is report[name] else 80)
     md = write_report(report, tmp_path / "rep")
     saved = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert saved["hierarchical"]["leaf_top1"] == report["hierarchical"]["leaf_top1"]
+    assert saved["fused"]["vs_flat"] == report["fused"]["vs_flat"]
     text = md.read_text()
+    assert "## Verdict against flat" in text and "- hierarchical vs flat: " in text and "McNemar p=" in text
     for png in ("per_branch.png", "branch_size.png", "reliability.png", "coverage.png"):
         assert (tmp_path / "rep" / png).stat().st_size > 1000 and f"({png})" in text
     assert "| leaf top-1 |" in text and "fused" in text and "BRANCH 3" in text
@@ -136,6 +146,11 @@ def test_load_run_alone_and_errors(run: tuple[Path, Path, Path], tmp_path: Path)
     other = write_synthetic_store(tmp_path / "other", tax, n=10, dim=12, meta={"backbone": "resnet50"})
     with pytest.raises(FeatureStoreError, match="backbone"):
         check_store(other, load_run(run_dir, tax))
+    narrow = write_synthetic_store(tmp_path / "narrow", tax, n=10, dim=8)
+    with pytest.raises(FeatureStoreError, match=r"narrow: features are 8 wide but the flat head of .*run takes 12"):
+        check_store(narrow, load_run(run_dir, tax), run_dir)
+    with pytest.raises(FeatureStoreError, match="8 wide"):  # evaluate refuses them too, before any forward pass
+        evaluate(load_run(run_dir, tax), narrow)
     with pytest.raises(FeatureStoreError, match="hflip"):
         evaluate(load_run(run_dir, tax), FeatureStore.open(val_dir), tta=True)
     with pytest.raises(ValueError, match="reserved"):

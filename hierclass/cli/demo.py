@@ -16,12 +16,21 @@ SYNTHETIC_BANNER = (
 )
 
 
-def find_fashion() -> Path | None:
-    """The real Fashion catalogue in ../shared/data/fashion (beside the working directory or the checkout)."""
-    here = Path(__file__).resolve().parents[3]
-    for base in (Path.cwd().parent, here.parent):
-        folder = base / "shared" / "data" / "fashion"
-        if all((folder / f).is_file() for f in ("train.bson", "val.bson", "category_names.csv")):
+FASHION_FILES = ("train.bson", "val.bson", "category_names.csv")
+
+
+def data_roots() -> list[Path]:
+    """Where the shared data is looked for: ``shared/data`` beside the checkout, then beside the working directory."""
+    checkout = Path(__file__).resolve().parents[2]  # hierclass/cli/demo.py -> the checkout
+    roots = [checkout.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    return list(dict.fromkeys(roots))
+
+
+def find_fashion(roots: list[Path]) -> Path | None:
+    """The first ``ROOT/fashion`` folder holding the Fashion dumps and taxonomy, or None."""
+    for root in roots:
+        folder = root / "fashion"
+        if all((folder / f).is_file() for f in FASHION_FILES):
             return folder
     return None
 
@@ -63,6 +72,13 @@ def demo(
     engine: Annotated[str, typer.Option(help="Feature extraction engine: onnx or torch.")] = "onnx",
     n_train: Annotated[int, typer.Option(help="Synthetic catalogue: training products.")] = 1200,
     n_val: Annotated[int, typer.Option(help="Synthetic catalogue: validation products.")] = 400,
+    data_root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder holding fashion/ (train.bson, val.bson, category_names.csv); default: shared/data "
+            "beside the checkout, then beside the working directory."
+        ),
+    ] = None,
     fashion_share: Annotated[
         float, typer.Option(min=0.01, max=1.0, help="Share of the Fashion products used (stratified by leaf).")
     ] = 0.25,
@@ -76,8 +92,15 @@ def demo(
         raise fail("give --train, --val and --taxonomy together, or none of them (for the embedded default)")
     label, work = "your data", out / "run"
     if train is None:
-        fashion = None if synthetic else find_fashion()
+        roots = [data_root] if data_root is not None else data_roots()
+        fashion = None if synthetic else find_fashion(roots)
+        if fashion is None and not synthetic:
+            looked = ", ".join(str(r / "fashion") for r in roots)
+            if data_root is not None:
+                raise typer.BadParameter(f"no {', '.join(FASHION_FILES)} in {looked}", param_hint="--data-root")
+            typer.echo(f"Fashion data not found (looked in {looked}); using the synthetic catalogue")
         if fashion is not None:
+            typer.echo(f"Fashion data: {fashion}")
             taxonomy, label = fashion / "category_names.csv", "real Fashion catalogue"
             if fashion_share < 1.0:
                 label += f" (a stratified {fashion_share:.0%} of its products, to run in minutes)"

@@ -155,6 +155,7 @@ def features_cache_dir(run: Path, data: Path, hflip: bool = False) -> Path:
 
 
 def open_features(
+    run: Path,
     models: dict[str, Classifier],
     taxonomy: Taxonomy,
     features: Path | None,
@@ -193,7 +194,7 @@ def open_features(
             hflip=tta,
             progress=progress,
         )
-    check_store(store, models)
+    check_store(store, models, run)
     return store
 
 
@@ -231,7 +232,7 @@ def evaluate_command(
         calibrate_dir=calibrate_dir,
     )
     cache = features_cache_dir(run, data, tta) if data is not None else None
-    store = open_features(models, tax, features, data, cache, tta, progress)
+    store = open_features(run, models, tax, features, data, cache, tta, progress)
     report = evaluate(
         models,
         store,
@@ -248,6 +249,10 @@ def evaluate_command(
             f"level-1 {r['level1_acc']:.4f}  hF1 {r['hierarchical_f1']:.4f}  "
             f"on {r['n_images']} images / {r['n_products']} products"
         )
+    from hierclass.report import verdict_lines
+
+    for line in verdict_lines(report):
+        typer.echo(line)
     typer.echo(f"report       {md}")
 
 
@@ -299,7 +304,7 @@ def predict_command(
         raise fail(f"{run}: has no {model.value} model; train it, or pass --model {' or '.join(models)}")
     clf = models[model.value]
     cache = features_cache or (features_cache_dir(run, data, tta) if data is not None else None)
-    store = open_features({model.value: clf}, tax, features, data, cache, tta, progress)
+    store = open_features(run, {model.value: clf}, tax, features, data, cache, tta, progress)
     _, products = predict_store(clf, store, how=aggregate.value, tta=tta, k=max(topk, 1))
     skus = None
     if data is not None:
