@@ -32,7 +32,7 @@ CHECKPOINT_VERSION = 1
 RUN_SPECIFIC_FEATURE_KEYS = frozenset(
     {
         *("n_images", "n_bad", "n_products", "complete", "views", "format_version", "last_run", "seconds"),
-        *("source", "source_path", "source_size", "taxonomy_source", "dump", "data", "split"),
+        *("source", "source_path", "source_size", "taxonomy_source", "dump", "data", "split", "source_problems"),
     }
 )
 """Feature-store meta fields that describe one extraction run, not how features are made."""

@@ -141,6 +141,7 @@ def open_features(
     data: Path | None,
     cache: Path,
     tta: bool,
+    strict: bool = False,
 ) -> FeatureStore:
     """The feature store to score: ``--features``, or features of ``--data`` extracted (and cached) with
     the backbone and preprocessing the run's heads were trained on."""
@@ -165,7 +166,10 @@ def open_features(
             engine=trained.get("engine", "onnx"),
             image_size=int(size[-1]) if size else None,
             hflip=tta,
+            strict=strict,
         )
+    for line in store.meta.get("source_problems", []):
+        typer.echo(f"warning: {line}", err=True)
     check_store(store, models)
     return store
 
@@ -239,6 +243,9 @@ def predict_command(
         Path | None, typer.Option(help="Where --data's features are cached; default RUN/features/<data name>.")
     ] = None,
     batch_size: BatchOpt = 4096,
+    strict: Annotated[
+        bool, typer.Option(help="Fail on any problem of the dump instead of predicting what can be read.")
+    ] = False,
 ) -> None:
     """Predict the category of every product of a dump, in Kaggle's submission format."""
     tax = resolve_taxonomy(run, taxonomy)
@@ -255,12 +262,21 @@ def predict_command(
         raise fail(f"{run}: has no {model.value} model; train it, or pass --model {' or '.join(models)}")
     clf = models[model.value]
     cache = features_cache or run / "features" / (data.name if data is not None else "features")
-    store = open_features({model.value: clf}, tax, features, data, cache, tta)
+    store = open_features({model.value: clf}, tax, features, data, cache, tta, strict=strict)
     _, products = predict_store(clf, store, how=aggregate.value, tta=tta, k=max(topk, 1))
     if data is not None:
         from hierclass.data import open_source
 
-        product_ids = open_source(data, progress=False).product_ids
+        source = open_source(data, progress=False)
+        product_ids = source.product_ids
+        report = getattr(source, "report", None)
+        if report is not None and not report.ok:
+            lost = f" and the products in {report.unindexed_bytes} damaged byte(s)" if report.unindexed_bytes else ""
+            typer.echo(
+                f"warning: {data}: {report.n_no_images + report.n_malformed} document(s){lost} of the dump could not "
+                f"be read and have no row in {out} (see the warnings above)",
+                err=True,
+            )
     else:
         product_ids = np.unique(store.product_id)
     products, missing = fill_missing_products(products, product_ids)

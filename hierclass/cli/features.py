@@ -31,6 +31,9 @@ def extract_features_command(
     hflip: Annotated[
         bool, typer.Option(help="Also store features of flipped images (test-time augmentation).")
     ] = False,
+    strict: Annotated[
+        bool, typer.Option(help="Fail on any problem of the source instead of skipping and reporting it.")
+    ] = False,
 ) -> None:
     """Extract pooled backbone features of every image, resumably, into a feature folder."""
     store = extract_features(
@@ -44,7 +47,10 @@ def extract_features_command(
         batch_size=batch_size,
         workers=workers,
         hflip=hflip,
+        strict=strict,
     )
+    for line in store.meta.get("source_problems", []):
+        typer.echo(f"warning: {line}", err=True)
     run = store.meta.get("last_run", {})
     size = store.meta["data_config"]["input_size"][-1]
     typer.echo(f"features     {out}  ({store.meta['backbone']}, {store.meta['pretrained']}, {size} px)")

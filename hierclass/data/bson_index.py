@@ -24,7 +24,8 @@ BSON minimum of 5 bytes, running past the end of the file, missing its final 0 b
 skipped: the pass scans forward, byte by byte, for the next offset where a whole, well-formed
 product document starts and resumes there, so the good documents after a damaged one are
 recovered. The report says where the first damage is, how many bytes were skipped and how
-many products were recovered after it; when no good document follows, the pass stops there. A well-framed document without images, or with malformed fields,
+many products were recovered after it; when no good document follows, the pass stops there.
+A well-framed document without images, or with malformed fields,
 is skipped and counted. ``_id`` and ``category_id`` may be int32, int64 or a double holding
 an integer (some exporters write those). ``strict=True`` raises :class:`~hierclass.errors.DumpError` instead.
 A dump that shrinks during the pass is caught before each window (a ``DumpError``); one cut
