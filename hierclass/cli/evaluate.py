@@ -163,6 +163,7 @@ def open_features(
     cache: Path | None,
     tta: bool,
     progress: bool = True,
+    strict: bool = False,
 ) -> FeatureStore:
     """The feature store to score: ``--features``, or features of ``--data`` extracted (and cached in
     ``cache``) with the backbone and preprocessing the run's heads were trained on."""
@@ -193,7 +194,10 @@ def open_features(
             image_size=int(size[-1]) if size else None,
             hflip=tta,
             progress=progress,
+            strict=strict,
         )
+    for line in store.meta.get("source_problems", []):
+        typer.echo(f"warning: {line}", err=True)
     check_store(store, models, run)
     return store
 
@@ -280,6 +284,9 @@ def predict_command(
     ] = None,
     batch_size: BatchOpt = 4096,
     progress: Progress = True,
+    strict: Annotated[
+        bool, typer.Option(help="Fail on any problem of the dump instead of predicting what can be read.")
+    ] = False,
 ) -> None:
     """Predict the category of every product of a dump, in Kaggle's submission format.
 
@@ -304,7 +311,7 @@ def predict_command(
         raise fail(f"{run}: has no {model.value} model; train it, or pass --model {' or '.join(models)}")
     clf = models[model.value]
     cache = features_cache or (features_cache_dir(run, data, tta) if data is not None else None)
-    store = open_features(run, {model.value: clf}, tax, features, data, cache, tta, progress)
+    store = open_features(run, {model.value: clf}, tax, features, data, cache, tta, progress, strict=strict)
     _, products = predict_store(clf, store, how=aggregate.value, tta=tta, k=max(topk, 1))
     skus = None
     if data is not None:
@@ -312,6 +319,14 @@ def predict_command(
 
         source = open_source(data, progress=False)
         product_ids, skus = source.product_ids, source_skus(source)
+        report = getattr(source, "report", None)
+        if report is not None and not report.ok:
+            lost = f" and the products in {report.unindexed_bytes} damaged byte(s)" if report.unindexed_bytes else ""
+            typer.echo(
+                f"warning: {data}: {report.n_no_images + report.n_malformed} document(s){lost} of the dump could not "
+                f"be read and have no row in {out} (see the warnings above)",
+                err=True,
+            )
     else:
         product_ids = np.unique(store.product_id)
     products, missing = fill_missing_products(products, product_ids)

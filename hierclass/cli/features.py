@@ -32,6 +32,9 @@ def extract_features_command(
         bool, typer.Option(help="Also store features of flipped images (test-time augmentation).")
     ] = False,
     progress: Progress = True,
+    strict: Annotated[
+        bool, typer.Option(help="Fail on any problem of the source instead of skipping and reporting it.")
+    ] = False,
 ) -> None:
     """Extract pooled backbone features of every image, resumably, into a feature folder."""
     from hierclass.features import extract_features
@@ -48,7 +51,10 @@ def extract_features_command(
         workers=workers,
         hflip=hflip,
         progress=progress,
+        strict=strict,
     )
+    for line in store.meta.get("source_problems", []):
+        typer.echo(f"warning: {line}", err=True)
     run = store.meta.get("last_run", {})
     size = store.meta["data_config"]["input_size"][-1]
     typer.echo(f"features     {out}  ({store.meta['backbone']}, {store.meta['pretrained']}, {size} px)")
