@@ -74,6 +74,9 @@ def import_command(
     """Write image files as a Cdiscount-format BSON dump (JPEGs copied, other formats re-encoded)."""
     if out.suffix.lower() != ".bson":
         raise DumpError(f"{out}: the output must be a .bson file; name it e.g. {out.with_suffix('.bson').name}")
+    from hierclass.outputs import check_writable_file
+
+    check_writable_file(out, "--out")
     source = open_source(src, progress=progress)
     for line in getattr(source, "problems", list)():
         typer.echo(f"warning: {line}", err=True)

@@ -13,6 +13,7 @@ from hierclass.checkpoint import read_meta
 from hierclass.cli.app import command, fail
 from hierclass.featurestore import FeatureStore
 from hierclass.inference import Classifier, FusedClassifier, predict_store
+from hierclass.outputs import check_writable_dir, check_writable_file
 from hierclass.report import (
     calibrate,
     check_store,
@@ -127,7 +128,12 @@ def build_models(
             raise fail(f"--fused-alpha {alpha} is outside [0, 1]; give a in [0, 1] or 'auto'")
         models["fused"] = FusedClassifier(models["flat"], models["hierarchical"], alpha=alpha)  # type: ignore[arg-type]
     if calibrate_dir is not None:
-        fitted = calibrate(models, FeatureStore.open(calibrate_dir), tune_fused=auto)
+        validation = FeatureStore.open(calibrate_dir)
+        if not (np.asarray(validation.leaf) >= 0).any():
+            raise fail(
+                f"{calibrate_dir} (--calibrate): no labelled image to calibrate on; pass labelled validation features"
+            )
+        fitted = calibrate(models, validation, tune_fused=auto)
         for name, settings in fitted.items():
             shown = {k: round(v, 4) for k, v in settings.items() if isinstance(v, float)}
             typer.echo(f"calibrated   {name}: {', '.join(f'{k}={v}' for k, v in shown.items())}")
@@ -191,6 +197,7 @@ def evaluate_command(
     batch_size: BatchOpt = 4096,
 ) -> None:
     """Score the run's flat and hierarchical models on the same labelled images and products."""
+    check_writable_dir(out, "--out")  # before the work, not after it
     tax = resolve_taxonomy(run, taxonomy)
     models = build_models(
         run,
@@ -248,7 +255,13 @@ def predict_command(
     ] = False,
 ) -> None:
     """Predict the category of every product of a dump, in Kaggle's submission format."""
+    check_writable_file(out, "--out")  # before the work, not after it
     tax = resolve_taxonomy(run, taxonomy)
+    if topk > tax.n_leaves:
+        typer.echo(
+            f"warning: --topk {topk} is more than the taxonomy's {tax.n_leaves} leaves; using {tax.n_leaves}", err=True
+        )
+        topk = tax.n_leaves
     models = build_models(
         run,
         tax,
