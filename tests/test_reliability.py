@@ -150,3 +150,56 @@ def test_cdiscount_sample_with_the_fashion_taxonomy_is_refused() -> None:
     fashion = Taxonomy.from_csv(shared_file("fashion", "category_names.csv"))
     with pytest.raises(TaxonomyError, match=r"110 of 110 labelled image\(s\).*is this the right taxonomy\?"):
         check_labels(fashion, source.category_ids, source.n_images, source.path)
+
+
+def test_a_damaged_index_file_is_rebuilt_with_a_warning(tmp_path: Path) -> None:
+    """Before: a cut index file gave a zipfile.BadZipFile traceback until the user deleted it."""
+    dump = tmp_path / "d.bson"
+    write_dump(dump, synthetic_products(5))
+    assert open_source(dump, progress=False).problems() == []
+    index_file = tmp_path / "d.bson.idx.npz"
+    data = index_file.read_bytes()
+    index_file.write_bytes(data[: len(data) // 2])
+    source = open_source(dump, progress=False)
+    assert len(source) == 5 and not source.report.reused
+    (line,) = source.problems()
+    assert line.startswith(f"{index_file}: damaged index file") and "built the index again" in line
+    assert open_source(dump, progress=False).report.reused  # the rebuilt file is good
+
+
+def test_an_index_that_does_not_match_its_dump_is_rebuilt(tmp_path: Path) -> None:
+    """Before: a tampered index was reused; reading said "open it again", and reopening reused it again."""
+    from hierclass.data.bson_index import _stamp, build_index, save_index
+
+    dump = tmp_path / "d.bson"
+    write_dump(dump, synthetic_products(5))
+    index = build_index(dump, progress=False)
+    index.offset = index.offset + 1  # every offset points one byte past its document
+    save_index(index, dump, tmp_path / "d.bson.idx.npz", _stamp(dump))
+    source = open_source(dump, progress=False)
+    assert not source.report.reused and "does not match" in source.problems()[0]
+    assert [d["_id"] for d in (source.read_document(p) for p in range(len(source)))] == [1000, 1001, 1002, 1003, 1004]
+
+
+def test_repeated_ids_are_reported(tmp_path: Path) -> None:
+    """Before: not detected; predict wrote two rows for one _id (Kaggle rejects the file)."""
+    products = synthetic_products(4)
+    dump = tmp_path / "d.bson"
+    write_dump(dump, [*products, (products[1][0], 11, products[1][2])])
+    source = open_source(dump, progress=False)
+    r = source.report
+    assert (r.n_duplicate_ids, r.first_duplicate_id) == (1, products[1][0]) and not r.ok
+    assert f"_id {products[1][0]} appears again" in source.problems()[0]
+    result = runner.invoke(app, ["index", str(dump), "--strict", "--no-progress"])
+    assert "appears again" in one_error_line(result)
+
+
+@pytest.mark.parametrize("content", [b"", bytes(range(256)) * 40], ids=["empty", "random-bytes"])
+def test_a_dump_without_products_fails(tmp_path: Path, content: bytes) -> None:
+    """Before: `index` and `extract-features` exited 0 on an empty or random-bytes .bson."""
+    dump = tmp_path / "d.bson"
+    dump.write_bytes(content)
+    assert "no product with an image found" in one_error_line(runner.invoke(app, ["index", str(dump), "--no-progress"]))
+    tax_csv = write_taxonomy(tmp_path / "category_names.csv")
+    args = ["extract-features", "--data", str(dump), "--taxonomy", str(tax_csv), *TINY, "--out", str(tmp_path / "f")]
+    assert "no product with an image found" in one_error_line(runner.invoke(app, args))
