@@ -135,3 +135,21 @@ def test_calibrate_on_unlabelled_features(run: tuple[Path, Path, Path], tmp_path
     args = ["predict", "--run", str(run_dir), "--features", str(val_dir), "--out", str(tmp_path / "s.csv")]
     line = one_error_line(runner.invoke(app, [*args, "--calibrate", str(unlabelled)]))
     assert "no labelled image to calibrate on" in line
+
+
+def test_a_full_disk_during_the_onnx_export_is_not_blamed_on_the_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: "ONNX export failed (...); use --engine torch", which would fail on the same full disk."""
+    import torch
+
+    from hierclass.onnx_runtime import OnnxExportError, export_onnx
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch.onnx, "export", full)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2)).eval()
+    with pytest.raises(OnnxExportError) as caught:
+        export_onnx(model, tmp_path / "b.onnx", (3, 4, 4), {}, (0.5,) * 3, (0.5,) * 3)
+    assert "the disk is full" in str(caught.value) and "--engine torch" not in str(caught.value)
