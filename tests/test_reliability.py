@@ -86,23 +86,31 @@ def test_extract_features_reports_missing_csv_files(tmp_path: Path) -> None:
     assert "not found" in one_error_line(runner.invoke(app, [*args, "--out", str(tmp_path / "g"), "--strict"]))
 
 
-def test_predict_names_the_products_it_did_not_answer(damaged: tuple[Path, Path, list], tmp_path: Path) -> None:
-    """Before: exit 0, "wrote 4 products" for a dump of 12, and not a word about the other 8."""
+@pytest.fixture(scope="module")
+def flat_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list]:
+    """A flat head trained (one epoch) on features of a tiny random backbone: (taxonomy csv, run dir, products)."""
     from hierclass.engine import TrainConfig, train_head
     from hierclass.features import extract_features
 
-    tax_csv, dump, products = damaged
+    root = tmp_path_factory.mktemp("flat_run")
+    tax_csv = write_taxonomy(root / "category_names.csv")
     tax = Taxonomy.from_csv(tax_csv)
-    good = tmp_path / "good.bson"
-    write_dump(good, products)
-    store = extract_features(good, tax, "test_efficientnet", "none", tmp_path / "feats", engine="torch",
+    products = _labelled_dump(root / "good.bson", tax)
+    store = extract_features(root / "good.bson", tax, "test_efficientnet", "none", root / "feats", engine="torch",
                              image_size=32, progress=False)  # fmt: skip
-    train_head(
-        "flat", store, store, tax, TrainConfig(epochs=1, batch_size=8, progress=False), tmp_path / "run" / "flat"
-    )
+    train_head("flat", store, store, tax, TrainConfig(epochs=1, batch_size=8, progress=False), root / "run" / "flat")
+    return tax_csv, root / "run", products
+
+
+def test_predict_names_the_products_it_did_not_answer(flat_run: tuple[Path, Path, list], tmp_path: Path) -> None:
+    """Before: exit 0, "wrote 4 products" for a dump of 12, and not a word about the other 8."""
+    _, run_dir, products = flat_run
+    dump = tmp_path / "damaged.bson"
+    write_dump(dump, products)
+    _break_length_prefix(dump, 4)
     out = tmp_path / "sub.csv"
-    args = ["predict", "--run", str(tmp_path / "run"), "--model", "flat", "--data", str(dump), "--out", str(out)]
-    result = runner.invoke(app, args)
+    args = ["predict", "--run", str(run_dir), "--model", "flat", "--data", str(dump), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--features-cache", str(tmp_path / "c1")])
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(out.open()))
     lost = products[4][0]
@@ -111,6 +119,33 @@ def test_predict_names_the_products_it_did_not_answer(damaged: tuple[Path, Path,
     assert "recovered 7 good product(s)" in result.stderr
     line = one_error_line(runner.invoke(app, [*args, "--strict", "--features-cache", str(tmp_path / "c2")]))
     assert "below the BSON minimum" in line
+
+
+def test_predict_on_a_dump_without_a_valid_image(flat_run: tuple[Path, Path, list], tmp_path: Path) -> None:
+    """Before: a traceback once every image had failed to decode."""
+    _, run_dir, _ = flat_run
+    dump = tmp_path / "bad.bson"
+    write_dump(dump, [(1, 1000, [b"not a jpeg"]), (2, 1001, [b"\xff\xd8 nor this"])])
+    args = ["predict", "--run", str(run_dir), "--data", str(dump), "--out", str(tmp_path / "s.csv"), "--model", "flat"]
+    assert "none of its 2 image(s) could be decoded" in one_error_line(runner.invoke(app, args))
+
+
+def test_predict_flat_ignores_an_unfinished_experts_folder(flat_run: tuple[Path, Path, list], tmp_path: Path) -> None:
+    """Before: an experts/ folder left by a killed first train-experts blocked even --model flat."""
+    import shutil
+
+    _, run_dir, products = flat_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "experts").mkdir()
+    dump = tmp_path / "good.bson"
+    write_dump(dump, products)
+    out = tmp_path / "s.csv"
+    result = runner.invoke(
+        app, ["predict", "--run", str(run), "--data", str(dump), "--out", str(out), "--model", "flat"]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(list(csv.DictReader(out.open()))) == len(products)
 
 
 def test_wrong_taxonomy_stops_extraction(tmp_path: Path) -> None:

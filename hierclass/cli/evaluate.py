@@ -12,7 +12,7 @@ import typer
 from hierclass.checkpoint import read_meta
 from hierclass.cli.app import command, fail
 from hierclass.featurestore import FeatureStore
-from hierclass.inference import Classifier, FusedClassifier, predict_store
+from hierclass.inference import Classifier, FlatClassifier, FusedClassifier, predict_store
 from hierclass.outputs import check_writable_dir, check_writable_file
 from hierclass.report import (
     calibrate,
@@ -111,9 +111,14 @@ def build_models(
     batch_size: int,
     fused_alpha: str | None,
     calibrate_dir: Path | None,
+    only_flat: bool = False,
 ) -> dict[str, Classifier]:
-    """The run's models, plus ``fused`` when ``fused_alpha`` is given, calibrated on ``calibrate_dir`` if given."""
-    models = load_run(run, tax, combine=combine.value, k=k, batch_size=batch_size)
+    """The run's models, plus ``fused`` when ``fused_alpha`` is given, calibrated on ``calibrate_dir`` if given.
+    With ``only_flat``, the flat model alone (a router/ or experts/ folder left unfinished does not matter)."""
+    if only_flat and (run / "flat").is_dir():
+        models: dict[str, Classifier] = {"flat": FlatClassifier.from_run(run, tax, batch_size=batch_size)}
+    else:
+        models = load_run(run, tax, combine=combine.value, k=k, batch_size=batch_size)
     auto = fused_alpha is not None and fused_alpha.strip().lower() == "auto"
     if fused_alpha is not None:
         if set(models) != {"flat", "hierarchical"}:
@@ -270,12 +275,18 @@ def predict_command(
         batch_size=batch_size,
         fused_alpha=fused_alpha if model is Model.fused else None,
         calibrate_dir=calibrate_dir,
+        only_flat=model is Model.flat,
     )
     if model.value not in models:
         raise fail(f"{run}: has no {model.value} model; train it, or pass --model {' or '.join(models)}")
     clf = models[model.value]
     cache = features_cache or run / "features" / (data.name if data is not None else "features")
     store = open_features({model.value: clf}, tax, features, data, cache, tta, strict=strict)
+    if not np.asarray(store.valid).any():
+        raise fail(
+            f"{data or features}: none of its {store.n_images} image(s) could be decoded; nothing to predict from "
+            "(check that the pictures are JPEG, PNG or another format Pillow reads)"
+        )
     _, products = predict_store(clf, store, how=aggregate.value, tta=tta, k=max(topk, 1))
     if data is not None:
         from hierclass.data import open_source
