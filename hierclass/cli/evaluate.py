@@ -295,12 +295,16 @@ def predict_command(
         product_ids = source.product_ids
         report = getattr(source, "report", None)
         if report is not None and not report.ok:
-            lost = f" and the products in {report.unindexed_bytes} damaged byte(s)" if report.unindexed_bytes else ""
-            typer.echo(
-                f"warning: {data}: {report.n_no_images + report.n_malformed} document(s){lost} of the dump could not "
-                f"be read and have no row in {out} (see the warnings above)",
-                err=True,
-            )
+            parts = [f"{n} {what}" for n, what in ((report.n_no_images, "document(s) without images"),
+                     (report.n_malformed, "malformed document(s)")) if n]  # fmt: skip
+            if report.unindexed_bytes:
+                parts.append(f"the products in {report.unindexed_bytes} damaged byte(s)")
+            if parts:
+                typer.echo(
+                    f"warning: {data}: {' and '.join(parts)} of the dump could not be read and have no row in {out} "
+                    "(see the warnings above)",
+                    err=True,
+                )
     else:
         product_ids = np.unique(store.product_id)
     products, missing = fill_missing_products(products, product_ids)
