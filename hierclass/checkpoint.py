@@ -144,7 +144,7 @@ def save_model(out_dir: str | Path, model: nn.Module, meta: Mapping[str, Any]) -
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     full = {
-        **dict(meta),
+        **{k: v for k, v in meta.items() if k not in ("meta_from", "weights_sha256")},  # a loaded meta's own marks
         "head": model.config(),
         "hierclass_version": __version__,
         "checkpoint_version": CHECKPOINT_VERSION,
