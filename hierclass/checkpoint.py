@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,12 @@ def _tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _embedded_meta(weights: Path) -> dict[str, Any] | None:
     """The metadata stored in the weights file's header, or None (an older save, or an unreadable header)."""
     try:
@@ -137,7 +144,7 @@ def save_model(out_dir: str | Path, model: nn.Module, meta: Mapping[str, Any]) -
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     full = {
-        **dict(meta),
+        **{k: v for k, v in meta.items() if k not in ("meta_from", "weights_sha256")},  # a loaded meta's own marks
         "head": model.config(),
         "hierclass_version": __version__,
         "checkpoint_version": CHECKPOINT_VERSION,
@@ -146,6 +153,7 @@ def save_model(out_dir: str | Path, model: nn.Module, meta: Mapping[str, Any]) -
     header = {"format": "pt", HEADER_KEY: json.dumps(full, sort_keys=True, ensure_ascii=False)}
     with atomic_path(out_dir / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata=header)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates it 0600; others of the group may load a run
         sha = _sha256(tmp)
     write_json_atomic(out_dir / META, {**full, "weights_sha256": sha})
     return out_dir

@@ -29,3 +29,7 @@ class CheckpointError(HierclassError):
 def where(path: str | Path, place: str | int | None = None) -> str:
     """Format a location as ``path`` or ``path:place`` for error messages."""
     return f"{path}" if place is None else f"{path}:{place}"
+
+
+class OutputError(HierclassError):
+    """An output path cannot be written (permissions, read-only or full disk, a file where a folder is expected)."""

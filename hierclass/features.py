@@ -196,8 +196,12 @@ def extract_features(
         data if hasattr(data, "read_images") else open_source(data, progress=progress, taxonomy=tax, strict=strict)
     )
     problems = list(getattr(source, "problems", list)())
-    if strict and problems:
-        raise DumpError(problems[0])
+    report = getattr(source, "report", None)
+    if strict and report is not None and not report.ok:
+        raise DumpError(report.problems()[0])
+    if len(source) == 0:
+        why = f" ({problems[0]})" if problems else ""
+        raise DumpError(f"{source.path}: no product with an image found{why}; is this a Cdiscount-format dump?")
     label_problem = check_labels(tax, source.category_ids, source.n_images, Path(source.path))
     if label_problem:
         if strict:

@@ -16,7 +16,10 @@ Readers use :attr:`FeatureStore.valid` to drop bad images.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from hierclass.atomic import atomic_open
-from hierclass.errors import HierclassError
+from hierclass.errors import HierclassError, OutputError
+from hierclass.outputs import os_error_message
 
 FORMAT_VERSION = 1
 PENDING, OK, BAD = 0, 1, 2
@@ -45,6 +49,47 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
     with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
+
+
+def _preallocated_memmap(path: Path, dtype: type, shape: tuple[int, ...]) -> None:
+    """Create a ``.npy`` file of zeros whose blocks are all allocated on the disk now.
+
+    A memory-mapped file is sparse until written; on a full disk the write of a page kills the
+    process with SIGBUS and no message. Allocating first turns a full disk into a clean error,
+    before any work.
+
+    Raises:
+        OutputError: the disk has not enough free space (or the file cannot be written).
+    """
+    try:
+        np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
+        fd = os.open(path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            if size and hasattr(os, "posix_fallocate"):
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", -1)):
+                        raise  # a file system that cannot preallocate is left as it is
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise OutputError(f"{os_error_message(e)} (the feature folder needs {_size_text(shape, dtype)})") from None
+
+
+def _size_text(shape: tuple[int, ...], dtype: type) -> str:
+    """The size of an array as text, e.g. ``'1.2 GB'``."""
+    n = float(np.prod(shape, dtype=np.float64) * np.dtype(dtype).itemsize)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 class FeatureStore:
@@ -104,8 +149,8 @@ class FeatureStore:
             leaf=np.asarray(leaf, dtype=np.int64),
         )
         for view in views:
-            np.lib.format.open_memmap(root / _view_file(view), mode="w+", dtype=np.float16, shape=(n, dim)).flush()
-        np.lib.format.open_memmap(root / "status.npy", mode="w+", dtype=np.int8, shape=(n,)).flush()
+            _preallocated_memmap(root / _view_file(view), np.float16, (n, dim))
+        _preallocated_memmap(root / "status.npy", np.int8, (n,))
         full_meta = {
             **dict(meta),
             "format_version": FORMAT_VERSION,

@@ -86,6 +86,12 @@ def export_onnx(
             entry = graph.metadata_props.add()
             entry.key, entry.value = METADATA_KEY, json.dumps(stamp, sort_keys=True)
             onnx.save(graph, str(tmp))
+        except OSError as e:  # a full disk or a folder that cannot be written: another engine would not help
+            from hierclass.outputs import os_error_message
+
+            if e.filename is None:
+                e.filename = str(path)
+            raise OnnxExportError(f"ONNX export failed: {os_error_message(e)}") from None
         except Exception as e:  # the exporter raises many kinds; the user needs one line and the way out
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise OnnxExportError(f"{path}: ONNX export failed ({reason[:200]}); use --engine torch") from None

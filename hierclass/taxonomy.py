@@ -284,6 +284,11 @@ def _read_rows(reader: csv._reader, path: str) -> tuple[list[int], list[Row]]:
         raise TaxonomyError(f"{path}:1: the file is empty; it needs the header {','.join(COLUMNS)}")
     header = [h.strip() for h in header]
     missing = [c for c in COLUMNS if c not in header]
+    if missing and len(header) == 1 and ";" in header[0]:
+        raise TaxonomyError(
+            f"{path}:1: the columns are separated by semicolons; save the file with commas "
+            f"(the header must be {','.join(COLUMNS)})"
+        )
     if missing:
         raise TaxonomyError(
             f"{path}:1: missing column(s) {', '.join(missing)} (found {', '.join(header) or 'none'}); "
@@ -292,8 +297,22 @@ def _read_rows(reader: csv._reader, path: str) -> tuple[list[int], list[Row]]:
     cols = [header.index(c) for c in COLUMNS]
     rows: list[Row] = []
     lines: list[int] = []
-    for fields in reader:
+    while True:
+        start = reader.line_num + 1  # where this row begins (a quoted field may span lines)
+        try:
+            fields = next(reader, None)
+        except csv.Error as e:
+            raise TaxonomyError(
+                f"{path}:{start}: malformed CSV ({e}); a quote opened on this line is not closed, close it"
+            ) from None
+        if fields is None:
+            break
         line = reader.line_num
+        if line > start and any("\n" in f or "\r" in f for f in fields):
+            raise TaxonomyError(
+                f"{path}:{start}: a quote opened on this line is not closed (the field runs on to line {line}); "
+                "close it, or remove it"
+            )
         if not fields or all(not f.strip() for f in fields):
             continue
         if len(fields) < len(header):

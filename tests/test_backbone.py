@@ -72,6 +72,13 @@ def test_data_config_override() -> None:
 
 
 # ---------------------------------------------------------------------- hub
+@pytest.fixture(autouse=True)
+def _no_network_probe(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests stand in for the hub; only the reachability test probes (a stand-in socket)."""
+    if "unreachable" not in request.node.name:
+        monkeypatch.setattr(bb, "_hub_reachable", lambda timeout=1.5: True)
+
+
 def test_hub_passes_pretrained_true(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[dict] = []
     real = timm.create_model
@@ -200,3 +207,32 @@ def test_lite0_top1_on_reference_images(name: str, imagenet_class: int) -> None:
         probs = model(x).softmax(-1)[0]
     assert int(probs.argmax()) == imagenet_class
     assert float(probs[imagenet_class]) > 0.5
+
+
+def test_hub_unreachable_fails_fast_from_the_cache_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: offline, the hub client retried for about a minute before the clean error."""
+    import socket
+
+    from huggingface_hub import constants
+
+    for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(key, raising=False)
+    tries: list[tuple] = []
+
+    def unreachable(address: tuple, timeout: float | None = None) -> None:
+        tries.append(address)
+        raise OSError("Network is unreachable")
+
+    seen: list[bool] = []
+
+    def from_cache_only(name: str, **kwargs: object) -> torch.nn.Module:
+        seen.append(bool(constants.HF_HUB_OFFLINE))
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(bb.timm, "create_model", from_cache_only)
+    before = constants.HF_HUB_OFFLINE
+    with pytest.raises(CheckpointError, match="the hub cannot be reached from this machine") as e:
+        create_backbone(TINY, "hub")
+    assert tries == [("huggingface.co", 443)] and seen == [True] and "\n" not in str(e.value)
+    assert before == constants.HF_HUB_OFFLINE  # restored after the call

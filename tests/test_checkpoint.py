@@ -200,3 +200,15 @@ def test_stale_meta_json_and_a_partial_weights_file(tmp_path: Path, tax: Taxonom
     (a / "model.safetensors").write_bytes(data[: len(data) - 16])
     with pytest.raises(CheckpointError, match="sha256"):
         load_model(a, tax)
+
+
+def test_weights_honour_the_umask(tmp_path: Path, tax: Taxonomy) -> None:
+    """Before: safetensors wrote the weights 0600 whatever the umask, so another user could not load a run."""
+    import os
+
+    before = os.umask(0o022)
+    try:
+        save_model(tmp_path / "ckpt", FlatHead(6, tax.n_leaves), meta_for("flat", tax))
+    finally:
+        os.umask(before)
+    assert (tmp_path / "ckpt" / "model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -47,3 +47,26 @@ def test_refuses_overwrite_and_missing(tmp_path: Path) -> None:
         make(tmp_path)
     with pytest.raises(FeatureStoreError, match="meta.json missing"):
         FeatureStore.open(tmp_path / "nothing")
+
+
+def test_a_full_disk_is_a_clean_error_before_the_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the feature files were sparse memory maps, and a full disk killed extraction with SIGBUS."""
+    import errno
+    import os
+
+    from hierclass.errors import OutputError
+
+    store = make(tmp_path)  # the files are allocated, not sparse
+    size = os.stat(store.root / "features.npy").st_size
+    assert os.stat(store.root / "features.npy").st_blocks * 512 >= size - 4096
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OutputError, match=r"features.npy: No space left on device; the disk is full.*needs \d+ B"):
+        FeatureStore.create(
+            tmp_path / "g", dim=3, product_id=np.arange(4), image_number=np.zeros(4, int), leaf=np.zeros(4, int),
+            meta={"taxonomy_fingerprint": "abc"},
+        )  # fmt: skip
+    assert not (tmp_path / "g" / "meta.json").exists()

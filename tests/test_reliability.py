@@ -86,23 +86,31 @@ def test_extract_features_reports_missing_csv_files(tmp_path: Path) -> None:
     assert "not found" in one_error_line(runner.invoke(app, [*args, "--out", str(tmp_path / "g"), "--strict"]))
 
 
-def test_predict_names_the_products_it_did_not_answer(damaged: tuple[Path, Path, list], tmp_path: Path) -> None:
-    """Before: exit 0, "wrote 4 products" for a dump of 12, and not a word about the other 8."""
+@pytest.fixture(scope="module")
+def flat_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list]:
+    """A flat head trained (one epoch) on features of a tiny random backbone: (taxonomy csv, run dir, products)."""
     from hierclass.engine import TrainConfig, train_head
     from hierclass.features import extract_features
 
-    tax_csv, dump, products = damaged
+    root = tmp_path_factory.mktemp("flat_run")
+    tax_csv = write_taxonomy(root / "category_names.csv")
     tax = Taxonomy.from_csv(tax_csv)
-    good = tmp_path / "good.bson"
-    write_dump(good, products)
-    store = extract_features(good, tax, "test_efficientnet", "none", tmp_path / "feats", engine="torch",
+    products = _labelled_dump(root / "good.bson", tax)
+    store = extract_features(root / "good.bson", tax, "test_efficientnet", "none", root / "feats", engine="torch",
                              image_size=32, progress=False)  # fmt: skip
-    train_head(
-        "flat", store, store, tax, TrainConfig(epochs=1, batch_size=8, progress=False), tmp_path / "run" / "flat"
-    )
+    train_head("flat", store, store, tax, TrainConfig(epochs=1, batch_size=8, progress=False), root / "run" / "flat")
+    return tax_csv, root / "run", products
+
+
+def test_predict_names_the_products_it_did_not_answer(flat_run: tuple[Path, Path, list], tmp_path: Path) -> None:
+    """Before: exit 0, "wrote 4 products" for a dump of 12, and not a word about the other 8."""
+    _, run_dir, products = flat_run
+    dump = tmp_path / "damaged.bson"
+    write_dump(dump, products)
+    _break_length_prefix(dump, 4)
     out = tmp_path / "sub.csv"
-    args = ["predict", "--run", str(tmp_path / "run"), "--model", "flat", "--data", str(dump), "--out", str(out)]
-    result = runner.invoke(app, args)
+    args = ["predict", "--run", str(run_dir), "--model", "flat", "--data", str(dump), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--features-cache", str(tmp_path / "c1")])
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(out.open()))
     lost = products[4][0]
@@ -111,6 +119,33 @@ def test_predict_names_the_products_it_did_not_answer(damaged: tuple[Path, Path,
     assert "recovered 7 good product(s)" in result.stderr
     line = one_error_line(runner.invoke(app, [*args, "--strict", "--features-cache", str(tmp_path / "c2")]))
     assert "below the BSON minimum" in line
+
+
+def test_predict_on_a_dump_without_a_valid_image(flat_run: tuple[Path, Path, list], tmp_path: Path) -> None:
+    """Before: a traceback once every image had failed to decode."""
+    _, run_dir, _ = flat_run
+    dump = tmp_path / "bad.bson"
+    write_dump(dump, [(1, 1000, [b"not a jpeg"]), (2, 1001, [b"\xff\xd8 nor this"])])
+    args = ["predict", "--run", str(run_dir), "--data", str(dump), "--out", str(tmp_path / "s.csv"), "--model", "flat"]
+    assert "none of its 2 image(s) could be decoded" in one_error_line(runner.invoke(app, args))
+
+
+def test_predict_flat_ignores_an_unfinished_experts_folder(flat_run: tuple[Path, Path, list], tmp_path: Path) -> None:
+    """Before: an experts/ folder left by a killed first train-experts blocked even --model flat."""
+    import shutil
+
+    _, run_dir, products = flat_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "experts").mkdir()
+    dump = tmp_path / "good.bson"
+    write_dump(dump, products)
+    out = tmp_path / "s.csv"
+    result = runner.invoke(
+        app, ["predict", "--run", str(run), "--data", str(dump), "--out", str(out), "--model", "flat"]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(list(csv.DictReader(out.open()))) == len(products)
 
 
 def test_wrong_taxonomy_stops_extraction(tmp_path: Path) -> None:
@@ -150,3 +185,56 @@ def test_cdiscount_sample_with_the_fashion_taxonomy_is_refused() -> None:
     fashion = Taxonomy.from_csv(shared_file("fashion", "category_names.csv"))
     with pytest.raises(TaxonomyError, match=r"110 of 110 labelled image\(s\).*is this the right taxonomy\?"):
         check_labels(fashion, source.category_ids, source.n_images, source.path)
+
+
+def test_a_damaged_index_file_is_rebuilt_with_a_warning(tmp_path: Path) -> None:
+    """Before: a cut index file gave a zipfile.BadZipFile traceback until the user deleted it."""
+    dump = tmp_path / "d.bson"
+    write_dump(dump, synthetic_products(5))
+    assert open_source(dump, progress=False).problems() == []
+    index_file = tmp_path / "d.bson.idx.npz"
+    data = index_file.read_bytes()
+    index_file.write_bytes(data[: len(data) // 2])
+    source = open_source(dump, progress=False)
+    assert len(source) == 5 and not source.report.reused
+    (line,) = source.problems()
+    assert line.startswith(f"{index_file}: damaged index file") and "built the index again" in line
+    assert open_source(dump, progress=False).report.reused  # the rebuilt file is good
+
+
+def test_an_index_that_does_not_match_its_dump_is_rebuilt(tmp_path: Path) -> None:
+    """Before: a tampered index was reused; reading said "open it again", and reopening reused it again."""
+    from hierclass.data.bson_index import _stamp, build_index, save_index
+
+    dump = tmp_path / "d.bson"
+    write_dump(dump, synthetic_products(5))
+    index = build_index(dump, progress=False)
+    index.offset = index.offset + 1  # every offset points one byte past its document
+    save_index(index, dump, tmp_path / "d.bson.idx.npz", _stamp(dump))
+    source = open_source(dump, progress=False)
+    assert not source.report.reused and "does not match" in source.problems()[0]
+    assert [d["_id"] for d in (source.read_document(p) for p in range(len(source)))] == [1000, 1001, 1002, 1003, 1004]
+
+
+def test_repeated_ids_are_reported(tmp_path: Path) -> None:
+    """Before: not detected; predict wrote two rows for one _id (Kaggle rejects the file)."""
+    products = synthetic_products(4)
+    dump = tmp_path / "d.bson"
+    write_dump(dump, [*products, (products[1][0], 11, products[1][2])])
+    source = open_source(dump, progress=False)
+    r = source.report
+    assert (r.n_duplicate_ids, r.first_duplicate_id) == (1, products[1][0]) and not r.ok
+    assert f"_id {products[1][0]} appears again" in source.problems()[0]
+    result = runner.invoke(app, ["index", str(dump), "--strict", "--no-progress"])
+    assert "appears again" in one_error_line(result)
+
+
+@pytest.mark.parametrize("content", [b"", bytes(range(256)) * 40], ids=["empty", "random-bytes"])
+def test_a_dump_without_products_fails(tmp_path: Path, content: bytes) -> None:
+    """Before: `index` and `extract-features` exited 0 on an empty or random-bytes .bson."""
+    dump = tmp_path / "d.bson"
+    dump.write_bytes(content)
+    assert "no product with an image found" in one_error_line(runner.invoke(app, ["index", str(dump), "--no-progress"]))
+    tax_csv = write_taxonomy(tmp_path / "category_names.csv")
+    args = ["extract-features", "--data", str(dump), "--taxonomy", str(tax_csv), *TINY, "--out", str(tmp_path / "f")]
+    assert "no product with an image found" in one_error_line(runner.invoke(app, args))

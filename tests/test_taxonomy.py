@@ -109,3 +109,22 @@ def test_missing_and_non_utf8(tmp_path: Path) -> None:
     path.write_bytes((HEADER + "1,FŒTAL,b,c\n").encode("cp1252"))
     with pytest.raises(TaxonomyError, match="not UTF-8"):
         Taxonomy.from_csv(path)
+
+
+def test_an_unbalanced_quote_is_reported_where_it_opens(tmp_path: Path) -> None:
+    """Before: reported at the last line of the file (where the runaway field ended), not where the quote opened."""
+    lines = ["category_id,category_level1,category_level2,category_level3"]
+    lines += [f"{i},A,B,C{i}" for i in range(1, 5)] + ['5,A,"B,C5'] + [f"{i},A,B,C{i}" for i in range(6, 111)]
+    path = tmp_path / "q.csv"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TaxonomyError, match=rf"^{path}:6: a quote opened on this line is not closed"):
+        Taxonomy.from_csv(path)
+
+
+def test_semicolon_separated_csv_gets_a_hint(tmp_path: Path) -> None:
+    path = tmp_path / "s.csv"
+    path.write_text("category_id;category_level1;category_level2;category_level3\n1;a;b;c\n")
+    with pytest.raises(
+        TaxonomyError, match=rf"^{path}:1: the columns are separated by semicolons; save the file with commas"
+    ):
+        Taxonomy.from_csv(path)

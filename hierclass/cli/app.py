@@ -59,7 +59,7 @@ def fail(message: str) -> typer.Exit:
 
 
 def clean_errors(func: F) -> F:
-    """Turn user errors into one stderr line and exit code 1, with no traceback."""
+    """Turn user errors (and operating-system errors) into one stderr line and exit code 1, with no traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -67,6 +67,10 @@ def clean_errors(func: F) -> F:
             return func(*args, **kwargs)
         except HierclassError as e:
             raise fail(str(e)) from None
+        except OSError as e:  # a full disk, a read-only file system, a permission: the path and the fix
+            from hierclass.outputs import os_error_message
+
+            raise fail(os_error_message(e)) from None
         except KeyboardInterrupt:
             raise fail("interrupted; long jobs resume where they stopped when run again") from None
 

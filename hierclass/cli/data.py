@@ -33,7 +33,7 @@ def index_command(
     source = open_source(dump, cache_dir=cache_dir, progress=progress, strict=strict)
     assert isinstance(source, BsonDump)
     r = source.report
-    for line in r.problems():
+    for line in source.problems():
         typer.echo(f"warning: {line}", err=True)
     if tax is not None:
         known = tax.encode(source.category_ids, unknown=-1) >= 0
@@ -64,7 +64,10 @@ def index_command(
         typer.echo(
             f"skipped      {r.n_no_images:,} without images, {r.n_malformed:,} malformed; "
             f"{r.unindexed_bytes:,} bytes not indexed"
+            + (f"; {r.n_duplicate_ids:,} repeated _id(s)" if r.n_duplicate_ids else "")
         )
+    if r.n_products == 0:
+        raise DumpError(f"{dump}: no product with an image found; is this a Cdiscount-format dump?")
 
 
 @command(name="import")
@@ -91,6 +94,9 @@ def import_command(
 
     if out.suffix.lower() != ".bson":
         raise DumpError(f"{out}: the output must be a .bson file; name it e.g. {out.with_suffix('.bson').name}")
+    from hierclass.outputs import check_writable_file
+
+    check_writable_file(out, "--out")
     tax = Taxonomy.from_csv(taxonomy) if taxonomy is not None else None
     source = open_source(src, progress=progress, taxonomy=tax)
     for line in getattr(source, "problems", list)():

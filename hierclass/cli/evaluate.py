@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from hierclass.cli.app import Progress, command, fail
+from hierclass.outputs import check_writable_dir, check_writable_file
 
 if TYPE_CHECKING:  # the commands import these when they run: --help stays fast
     from hierclass.featurestore import FeatureStore
@@ -108,13 +109,18 @@ def build_models(
     batch_size: int,
     fused_alpha: str | None,
     calibrate_dir: Path | None,
+    only_flat: bool = False,
 ) -> dict[str, Classifier]:
-    """The run's models, plus ``fused`` when ``fused_alpha`` is given, calibrated on ``calibrate_dir`` if given."""
+    """The run's models, plus ``fused`` when ``fused_alpha`` is given, calibrated on ``calibrate_dir`` if given.
+    With ``only_flat``, the flat model alone (a router/ or experts/ folder left unfinished does not matter)."""
     from hierclass.featurestore import FeatureStore
-    from hierclass.inference import FusedClassifier
+    from hierclass.inference import FlatClassifier, FusedClassifier
     from hierclass.report import calibrate, load_run
 
-    models = load_run(run, tax, combine=combine.value, k=k, batch_size=batch_size)
+    if only_flat and (run / "flat").is_dir():
+        models: dict[str, Classifier] = {"flat": FlatClassifier.from_run(run, tax, batch_size=batch_size)}
+    else:
+        models = load_run(run, tax, combine=combine.value, k=k, batch_size=batch_size)
     auto = fused_alpha is not None and fused_alpha.strip().lower() == "auto"
     if fused_alpha is not None:
         if set(models) != {"flat", "hierarchical"}:
@@ -129,7 +135,14 @@ def build_models(
             raise fail(f"--fused-alpha {alpha} is outside [0, 1]; give a in [0, 1] or 'auto'")
         models["fused"] = FusedClassifier(models["flat"], models["hierarchical"], alpha=alpha)  # type: ignore[arg-type]
     if calibrate_dir is not None:
-        fitted = calibrate(models, FeatureStore.open(calibrate_dir), tune_fused=auto)
+        import numpy as np
+
+        validation = FeatureStore.open(calibrate_dir)
+        if not (np.asarray(validation.leaf) >= 0).any():
+            raise fail(
+                f"{calibrate_dir} (--calibrate): no labelled image to calibrate on; pass labelled validation features"
+            )
+        fitted = calibrate(models, validation, tune_fused=auto)
         for name, settings in fitted.items():
             shown = {k: round(v, 4) for k, v in settings.items() if isinstance(v, float)}
             typer.echo(f"calibrated   {name}: {', '.join(f'{k}={v}' for k, v in shown.items())}")
@@ -223,6 +236,7 @@ def evaluate_command(
 
     Features of ``--data`` are extracted once into ``RUN/features`` and reused when run again.
     """
+    check_writable_dir(out, "--out")  # before the work, not after it
     from hierclass.report import evaluate, write_report
 
     tax = resolve_taxonomy(run, taxonomy)
@@ -292,12 +306,18 @@ def predict_command(
 
     A source whose products carry SKUs (see ``hierclass import``) adds a ``sku`` column.
     """
+    check_writable_file(out, "--out")  # before the work, not after it
     import numpy as np
 
     from hierclass.inference import predict_store
     from hierclass.report import fill_missing_products
 
     tax = resolve_taxonomy(run, taxonomy)
+    if topk > tax.n_leaves:
+        typer.echo(
+            f"warning: --topk {topk} is more than the taxonomy's {tax.n_leaves} leaves; using {tax.n_leaves}", err=True
+        )
+        topk = tax.n_leaves
     models = build_models(
         run,
         tax,
@@ -306,12 +326,18 @@ def predict_command(
         batch_size=batch_size,
         fused_alpha=fused_alpha if model is Model.fused else None,
         calibrate_dir=calibrate_dir,
+        only_flat=model is Model.flat,
     )
     if model.value not in models:
         raise fail(f"{run}: has no {model.value} model; train it, or pass --model {' or '.join(models)}")
     clf = models[model.value]
     cache = features_cache or (features_cache_dir(run, data, tta) if data is not None else None)
     store = open_features(run, {model.value: clf}, tax, features, data, cache, tta, progress, strict=strict)
+    if not np.asarray(store.valid).any():
+        raise fail(
+            f"{data or features}: none of its {store.n_images} image(s) could be decoded; nothing to predict from "
+            "(check that the pictures are JPEG, PNG or another format Pillow reads)"
+        )
     _, products = predict_store(clf, store, how=aggregate.value, tta=tta, k=max(topk, 1))
     skus = None
     if data is not None:
@@ -321,12 +347,16 @@ def predict_command(
         product_ids, skus = source.product_ids, source_skus(source)
         report = getattr(source, "report", None)
         if report is not None and not report.ok:
-            lost = f" and the products in {report.unindexed_bytes} damaged byte(s)" if report.unindexed_bytes else ""
-            typer.echo(
-                f"warning: {data}: {report.n_no_images + report.n_malformed} document(s){lost} of the dump could not "
-                f"be read and have no row in {out} (see the warnings above)",
-                err=True,
-            )
+            parts = [f"{n} {what}" for n, what in ((report.n_no_images, "document(s) without images"),
+                     (report.n_malformed, "malformed document(s)")) if n]  # fmt: skip
+            if report.unindexed_bytes:
+                parts.append(f"the products in {report.unindexed_bytes} damaged byte(s)")
+            if parts:
+                typer.echo(
+                    f"warning: {data}: {' and '.join(parts)} of the dump could not be read and have no row in {out} "
+                    "(see the warnings above)",
+                    err=True,
+                )
     else:
         product_ids = np.unique(store.product_id)
     products, missing = fill_missing_products(products, product_ids)

@@ -38,7 +38,9 @@ def extract_features_command(
 ) -> None:
     """Extract pooled backbone features of every image, resumably, into a feature folder."""
     from hierclass.features import extract_features
+    from hierclass.outputs import check_writable_dir
 
+    check_writable_dir(out, "--out")
     store = extract_features(
         data,
         taxonomy,

@@ -134,6 +134,9 @@ def _train(
     **given: Any,
 ) -> None:
     config = build_config(given, config_file)
+    from hierclass.outputs import check_writable_dir
+
+    check_writable_dir(run_dir / kind, "--run")  # before the work, not after it
     from hierclass.engine import train_head
     from hierclass.featurestore import FeatureStore
 

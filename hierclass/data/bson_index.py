@@ -42,6 +42,7 @@ import json
 import mmap
 import os
 import struct
+import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -90,6 +91,11 @@ class IndexReport:
         n_malformed: well-framed documents skipped because a field is malformed.
         first_malformed_offset: byte offset of the first of them.
         first_malformed_reason: what was wrong with it.
+        n_duplicate_ids: products whose ``_id`` an earlier product of the dump has already.
+        first_duplicate_offset: byte offset of the first of them.
+        first_duplicate_id: its ``_id``.
+        index_warning: why an existing index file was not used and the index was built again (a
+            damaged file, or one that does not match the dump), or None.
         reused: True when the index was loaded from an index file rather than built.
         index_file: where the index was saved or loaded from (None if it could not be saved).
     """
@@ -113,13 +119,17 @@ class IndexReport:
     n_malformed: int = 0
     first_malformed_offset: int | None = None
     first_malformed_reason: str | None = None
+    n_duplicate_ids: int = 0
+    first_duplicate_offset: int | None = None
+    first_duplicate_id: int | None = None
+    index_warning: str | None = None
     reused: bool = False
     index_file: str | None = None
 
     @property
     def ok(self) -> bool:
         """True when every byte was indexed and no document was skipped."""
-        return self.stop_offset is None and self.n_no_images == 0 and self.n_malformed == 0
+        return self.stop_offset is None and self.n_no_images == 0 and self.n_malformed == 0 and not self.n_duplicate_ids
 
     def problems(self) -> list[str]:
         """One line per kind of problem, each naming the file, the byte offset and the fix."""
@@ -141,6 +151,12 @@ class IndexReport:
             lines.append(
                 f"{self.path}:{self.first_malformed_offset}: {self.first_malformed_reason}; "
                 f"{self.n_malformed} malformed document(s) skipped; fix or re-export them"
+            )
+        if self.n_duplicate_ids:
+            lines.append(
+                f"{self.path}:{self.first_duplicate_offset}: _id {self.first_duplicate_id} appears again; "
+                f"{self.n_duplicate_ids} product(s) repeat an earlier _id (a submission needs one row per _id); "
+                "give each product its own _id"
             )
         if self.n_no_images:
             lines.append(
@@ -774,6 +790,14 @@ def _summarise(index: BsonIndex) -> None:
     r.n_images = int(index.n_images.sum())
     counts = np.bincount(index.n_images) if len(index) else np.zeros(0, np.int64)
     r.images_per_product = {int(k): int(c) for k, c in enumerate(counts) if c}
+    if len(index) > 1:
+        order = np.argsort(index.product_id, kind="stable")
+        repeat = np.zeros(len(index), bool)
+        repeat[order[1:]] = index.product_id[order[1:]] == index.product_id[order[:-1]]
+        if repeat.any():
+            first = int(np.flatnonzero(repeat)[0])
+            r.n_duplicate_ids = int(repeat.sum())
+            r.first_duplicate_offset, r.first_duplicate_id = int(index.offset[first]), int(index.product_id[first])
     labelled = index.category_id[index.category_id >= 0]
     r.n_categories = _n_distinct(labelled)
     r.n_without_category = int(len(index) - len(labelled))
@@ -819,23 +843,52 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 def load_index(dump: str | Path, index_file: str | Path) -> BsonIndex | None:
     """The index in ``index_file`` if it was made from ``dump`` as it is now (same size and
-    mtime, same index version); else None."""
-    index_file = Path(index_file)
+    mtime, same index version) and matches it; else None."""
+    return _load_index(Path(dump), Path(index_file))[0]
+
+
+def _load_index(dump: Path, index_file: Path) -> tuple[BsonIndex | None, str | None]:
+    """``(index, None)``; or ``(None, why)`` for an index file that exists but is damaged or does not match
+    the dump (``why`` is None for one that is absent or stale: nothing to warn about)."""
+    if not index_file.is_file():
+        return None, None
     try:
         with np.load(index_file, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
-            if meta.get("version") != INDEX_VERSION or tuple(meta.get("stamp", ())) != _stamp(Path(dump)):
-                return None
+            if meta.get("version") != INDEX_VERSION or tuple(meta.get("stamp", ())) != _stamp(dump):
+                return None, None
             cols = [z[k].astype(np.int64, copy=False) for k in ("offset", "length", "product_id", "category_id")]
             cols.append(z["n_images"].astype(np.int64))
-    except (OSError, ValueError, KeyError, json.JSONDecodeError):
-        return None  # absent, stale or damaged: rebuild
-    report = IndexReport(**meta["report"])
+        report = IndexReport(**meta["report"])
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+        return None, f"{index_file}: damaged index file ({type(e).__name__}); built the index again"
+    if not _matches(dump, cols[0], cols[1]):
+        return None, f"{index_file}: does not match {dump} (its offsets miss the documents); built the index again"
     report.path = str(dump)
     report.images_per_product = {int(k): v for k, v in report.images_per_product.items()}
     report.reused = True
     report.index_file = str(index_file)
-    return BsonIndex(*cols, report=report)
+    return BsonIndex(*cols, report=report), None
+
+
+def _matches(dump: Path, offset: np.ndarray, length: np.ndarray, n_checks: int = 256) -> bool:
+    """Whether the offsets of an index file fit the dump: in order, inside the file, and (for up to
+    ``n_checks`` rows spread over it) a document of the recorded length starts at each."""
+    size = dump.stat().st_size
+    if len(offset) != len(length):
+        return False
+    if not len(offset):
+        return True
+    ends = offset + length
+    if offset[0] < 0 or ends[-1] > size or np.any(length < MIN_DOC) or np.any(offset[1:] < ends[:-1]):
+        return False
+    rows = np.unique(np.linspace(0, len(offset) - 1, min(n_checks, len(offset))).astype(np.int64))
+    with open(dump, "rb", buffering=0) as f:
+        for r in rows:
+            off, n = int(offset[r]), int(length[r])
+            if os.pread(f.fileno(), 4, off) != struct.pack("<i", n) or os.pread(f.fileno(), 1, off + n - 1) != b"\0":
+                return False
+    return True
 
 
 def save_index(index: BsonIndex, dump: str | Path, index_file: str | Path, stamp: tuple[int, int]) -> None:
@@ -884,10 +937,11 @@ def build_index(
     if not dump.is_file():
         raise DumpError(f"{dump}: dump not found; pass the path of a .bson file")
     candidates = index_paths(dump, cache_dir)
-    index = None
+    index, warning = None, None
     if not rebuild:
         for candidate in candidates:
-            index = load_index(dump, candidate)
+            index, why = _load_index(dump, candidate)
+            warning = warning or why
             if index is not None:
                 break
     if index is None:
@@ -901,6 +955,7 @@ def build_index(
                     continue
                 index.report.index_file = str(candidate)
                 break
+        index.report.index_warning = warning
     if strict and not index.report.ok:
         raise DumpError(index.report.problems()[0])
     return index

@@ -99,8 +99,16 @@ class BsonDump:
         return len(self.index)
 
     def problems(self) -> list[str]:
-        """One line per problem indexing found (empty for a sound dump)."""
-        return self.report.problems()
+        """One line per problem indexing found (empty for a sound dump), and why an index file was rebuilt."""
+        return self.report.problems() + ([self.report.index_warning] if self.report.index_warning else [])
+
+    def _drop_index(self) -> str:
+        """Remove the index file that pointed at a bad place, so that the next open indexes the dump anew."""
+        if self.report.index_file:
+            with contextlib.suppress(OSError):
+                Path(self.report.index_file).unlink()
+            return "its index file was removed; open the dump again to index it anew"
+        return "open it again"
 
     def _handle(self) -> int:
         pid = os.getpid()
@@ -119,7 +127,7 @@ class BsonDump:
         if len(data) != length:
             raise DumpError(
                 f"{self.path}:{offset}: document of {length} bytes cut short at {len(data)}; the dump changed "
-                "since it was indexed, open it again"
+                f"since it was indexed: {self._drop_index()}"
             )
         return data
 
@@ -130,7 +138,7 @@ class BsonDump:
         except bson.errors.InvalidBSON as e:
             raise DumpError(
                 f"{self.path}:{int(self.index.offset[p])}: undecodable document ({e}); the dump changed since it "
-                "was indexed or is damaged, open it again"
+                f"was indexed or is damaged: {self._drop_index()}"
             ) from None
 
     def read_images(self, p: int) -> list[bytes]:

@@ -20,10 +20,14 @@ config (timm's ``resolve_model_data_config``), with an optional smaller input si
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib.resources
-from collections.abc import Mapping
+import os
+import socket
+import urllib.parse
+from collections.abc import Iterator, Mapping
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -224,11 +228,55 @@ def _check_name(name: str) -> None:
     raise CheckpointError(f"--backbone {name!r} is not a timm model; {hint}")
 
 
-def _from_hub(name: str, keep_classifier: bool) -> nn.Module:
+def _hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether the weights hub answers a TCP connection at once (one try). True behind a proxy or
+    with a custom endpoint we cannot probe the same way, where the download itself must decide."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    if not host:
+        return True
     try:
-        return timm.create_model(name, pretrained=True, num_classes=None if keep_classifier else 0)
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Within the block, when ``offline``, the hub client uses its local cache only (no retries over a dead network)."""
+    if not offline:
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover (timm depends on it)
+        constants = None
+    before_env, before = os.environ.get("HF_HUB_OFFLINE"), getattr(constants, "HF_HUB_OFFLINE", None)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if before_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before_env
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = before
+
+
+def _from_hub(name: str, keep_classifier: bool) -> nn.Module:
+    offline = not _hub_reachable()  # checked once, fast: else the client retries for about a minute
+    try:
+        with _hub_offline(offline):
+            return timm.create_model(name, pretrained=True, num_classes=None if keep_classifier else 0)
     except Exception as e:  # network, missing weights: one message with the fix
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if offline:
+            reason = f"the hub cannot be reached from this machine, and the local cache says: {reason}"
         raise CheckpointError(
             f"could not get hub weights for {name} ({reason[:200]}); offline, use --pretrained efficientnet-lite0 "
             "with --backbone tf_efficientnet_lite0, or --pretrained PATH to a checkpoint file"
