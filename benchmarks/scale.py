@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     structure = asdict(Structure(*args.structure) if args.structure else Structure())
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(args.threads)  # inherited by the spawned phases, before they import torch
-    config = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "patience": 0, "progress": False}
+    config = {"solver": "adamw", "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "patience": 0}
+    config["progress"] = False
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "structure": structure}
     results["train_config"] = config

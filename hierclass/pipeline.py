@@ -28,6 +28,7 @@ from hierclass.features import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, extract_fea
 from hierclass.featurestore import FeatureStore, write_json_atomic
 from hierclass.inference import FlatClassifier, FusedClassifier, HierarchicalClassifier
 from hierclass.report import calibrate, evaluate, write_report
+from hierclass.run import Run
 from hierclass.taxonomy import Taxonomy
 
 KINDS = ("router", "experts", "flat")
@@ -121,6 +122,7 @@ def run_pipeline(
             ),
         )
     run = work / "run"
+    Run(run).adopt_taxonomy(tax)
     for kind in KINDS:
         if (run / kind / "meta.json").is_file():
             check_reusable(run / kind, config.train_config(kind))

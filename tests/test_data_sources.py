@@ -374,3 +374,26 @@ def test_split_fraction_holds_over_many_small_leaves() -> None:
     labels = np.repeat(np.arange(2000), 3)  # 3 products per leaf: 0.3 expected in val each
     _, val = split_products(labels, 0.1, seed=0)
     assert abs(len(val) / len(labels) - 0.1) < 0.01
+
+
+def test_holdout_mask_keeps_products_together_and_stratifies() -> None:
+    from hierclass.data import holdout_mask
+
+    rng = np.random.default_rng(0)
+    product_labels = np.repeat(np.arange(40), 50)  # 40 leaves x 50 products
+    images = rng.integers(1, 4, len(product_labels))  # 1-3 images a product
+    product = np.repeat(np.arange(len(product_labels)) * 7 + 3, images)
+    labels = np.repeat(product_labels, images)
+    order = rng.permutation(len(product))
+    held = holdout_mask(product[order], labels[order], 0.1, seed=0)
+    by_product = {}
+    for p, h in zip(product[order], held, strict=True):
+        by_product.setdefault(p, set()).add(bool(h))
+    assert all(len(v) == 1 for v in by_product.values())  # a product's images never straddle
+    held_products = {p for p, v in by_product.items() if True in v}
+    per_leaf = np.bincount(product_labels[(np.array(sorted(held_products)) - 3) // 7], minlength=40)
+    assert (per_leaf == 5).all()  # 10% of each leaf's 50 products
+    assert np.array_equal(holdout_mask(product[order], labels[order], 0.1, seed=0), held)
+    assert not np.array_equal(holdout_mask(product[order], labels[order], 0.1, seed=1), held)
+    with pytest.raises(ValueError, match="rows"):
+        holdout_mask(product, labels[:-1])

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import hierclass.engine as engine
 from hierclass.checkpoint import load_model
-from hierclass.engine import Task, TrainConfig, class_weights, holdout_products, smoothed_nll, train_head
+from hierclass.engine import Task, TrainConfig, class_weights, smoothed_nll, train_head
 from hierclass.errors import CheckpointError
 from hierclass.featurestore import OK, FeatureStore, FeatureStoreError
 from hierclass.models.heads import ExpertHeads
@@ -48,7 +48,9 @@ def tiny_store(root: Path, tax: Taxonomy, per_leaf: int = 3, dim: int = 16, meta
     return FeatureStore.open(root)
 
 
-OVERFIT = TrainConfig(epochs=60, batch_size=8, lr=0.05, label_smoothing=0.0, weight_decay=0.0, patience=0, **QUIET)
+OVERFIT = TrainConfig(
+    solver="adamw", epochs=60, batch_size=8, lr=0.05, label_smoothing=0.0, weight_decay=0.0, patience=0, **QUIET
+)
 
 
 @pytest.mark.parametrize(("kind", "hidden"), [("router", None), ("flat", None), ("experts", None), ("experts", 8)])
@@ -58,9 +60,9 @@ def test_overfits_tiny_set(tmp_path: Path, tax: Taxonomy, kind: str, hidden: int
     m = train_head(kind, store, store, tax, config, tmp_path / "run" / kind)
     assert m["val_acc"] == 1.0 and m["train_loss"] < 0.05, m
     # Experts never see the single-leaf branch C; nobody sees the unlabelled or the bad row.
-    assert m["n_train"] == (7 * 3 if kind == "experts" else 8 * 3)
+    assert m["n_train"] + m["n_holdout"] == (7 * 3 if kind == "experts" else 8 * 3) and m["n_holdout"] > 0
     log = [json.loads(line) for line in (tmp_path / "run" / kind / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 60 and {"epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds"} <= set(log[0])
+    assert len(log) == 60 and {"epoch", "train_loss", "holdout_loss", "holdout_acc", "lr", "seconds"} <= set(log[0])
     model, meta = load_model(tmp_path / "run" / kind, tax)
     assert meta["metrics"]["best_epoch"] == m["best_epoch"] and meta["features"]["backbone"] == "synthetic"
     assert "n_images" not in meta["features"] and meta["training"]["hidden"] == hidden
@@ -130,7 +132,7 @@ def test_branch_retraining_changes_only_that_branch(tmp_path: Path, tax: Taxonom
     before, _ = load_model(run, tax)
     config.seed = 5
     m = train_head("experts", store, store, tax, config, run, branch="B")
-    assert m["n_train"] == 3 * 3 and m["branch"] == "B"
+    assert m["n_train"] + m["n_holdout"] == 3 * 3 and m["branch"] == "B"
     after, meta = load_model(run, tax)
     assert "B" in meta["branch_retrains"] and meta["metrics"]["branch"] is None
     x = torch.randn(5, 16)
@@ -157,24 +159,20 @@ def test_refuses_mismatched_features(tmp_path: Path, tax: Taxonomy) -> None:
 
 def test_early_stopping_keeps_best_epoch(tmp_path: Path, tax: Taxonomy, monkeypatch: pytest.MonkeyPatch) -> None:
     store = tiny_store(tmp_path / "f", tax)
-    scores = iter([0.5, 0.7, 0.6, 0.6, 0.9])
-    monkeypatch.setattr(engine, "evaluate", lambda *a: {"val_loss": 1.0, "val_acc": next(scores)})
-    m = train_head("router", store, store, tax, TrainConfig(epochs=5, patience=2, **QUIET), tmp_path / "run")
-    assert (m["best_epoch"], m["epochs_run"], m["stopped_early"], m["val_acc"]) == (2, 4, True, 0.7)
+    accs = iter([0.5, 0.7, 0.6, 0.6, 0.9])
+    real_score = engine.score
+    monkeypatch.setattr(engine, "score", lambda *a: engine.Scores(1.0, np.array([next(accs) * 10]), np.array([10])))
+    config = TrainConfig(solver="adamw", epochs=5, patience=2, **QUIET)
+    m = train_head("router", store, None, tax, config, tmp_path / "run", echo=None)
+    assert (m["best_epoch"], m["epochs_run"], m["stopped_early"]) == (2, 4, True)
+    assert m["holdout_acc"] == 0.9  # the final scoring (the 5th call) comes after the best state is restored
+    monkeypatch.setattr(engine, "score", real_score)
 
 
 def test_class_balance_loss_runs(tmp_path: Path, tax: Taxonomy) -> None:
     store = tiny_store(tmp_path / "f", tax)
     m = train_head("experts", store, store, tax, TrainConfig(epochs=2, class_balance="loss", **QUIET), tmp_path / "r")
     assert np.isfinite(m["val_loss"])
-
-
-def test_holdout_products_keeps_products_together() -> None:
-    product = np.repeat(np.arange(5000), 3)
-    held = holdout_products(product)
-    assert 0.08 < held.mean() < 0.12
-    assert (held.reshape(-1, 3).all(1) == held.reshape(-1, 3).any(1)).all()
-    assert (holdout_products(product[::-1]) == held[::-1]).all()
 
 
 def test_synthetic_features_are_hierarchical(tmp_path: Path) -> None:
@@ -235,7 +233,7 @@ def test_expert_other_overfits_and_learns_other(tmp_path: Path, tax: Taxonomy, h
     store = tiny_store(tmp_path / "f", tax)
     config = TrainConfig(**{**OVERFIT.__dict__, "hidden": hidden, "expert_other": True})
     m = train_head("experts", store, store, tax, config, tmp_path / "run")
-    assert m["val_acc"] == 1.0 and m["n_train"] == 8 * 3, m  # every labelled image, branch C's too
+    assert m["val_acc"] == 1.0 and m["n_train"] + m["n_holdout"] == 8 * 3, m  # every labelled image, C's too
     model, meta = load_model(tmp_path / "run", tax)
     assert model.other and meta["head"]["other"] is True and meta["training"]["expert_other"] is True
     leaf = np.asarray(store.leaf)[:24]
@@ -259,7 +257,7 @@ def test_expert_other_branch_retraining(tmp_path: Path, tax: Taxonomy, hidden: i
     before, _ = load_model(run, tax)
     config.seed = 5
     m = train_head("experts", store, store, tax, config, run, branch="B")
-    assert m["n_train"] == 8 * 3 and m["branch"] == "B"  # that expert learns "other" from every image
+    assert m["n_train"] + m["n_holdout"] == 8 * 3 and m["branch"] == "B"  # it learns "other" from every image
     after, _ = load_model(run, tax)
     x = torch.randn(5, 16)
     b = tax.branch_index("B")
@@ -276,3 +274,125 @@ def test_expert_other_branch_retraining(tmp_path: Path, tax: Taxonomy, hidden: i
     with pytest.raises(CheckpointError, match="other class"):
         plain = TrainConfig(epochs=1, hidden=hidden, **QUIET)
         train_head("experts", store, store, tax, plain, run, branch="B")
+
+
+# ---------------------------------------------------------------------------- the recipe
+def noisy_store(root: Path, tax: Taxonomy, n: int, seed: int, scale: float = 1.0, shift: float = 0.0) -> FeatureStore:
+    """An overlapping (not separable) problem: a convex solver's optimum is not trivial."""
+    rng = np.random.default_rng(seed)
+    means = synthetic_means(tax, 12, np.random.default_rng(0))
+    feats, leaf = make_synthetic_features(tax, n, 12, rng, means=means, noise=2.5)
+    store = FeatureStore.create(
+        root,
+        dim=12,
+        product_id=np.arange(n),
+        image_number=np.zeros(n),
+        leaf=leaf,
+        meta={"taxonomy_fingerprint": tax.fingerprint, "backbone": "synthetic"},
+    )
+    store.write(np.arange(n), {"orig": feats * scale + shift}, np.full(n, OK, dtype=np.int8))
+    store.mark_complete()
+    return FeatureStore.open(root)
+
+
+def _probs(run: Path, tax: Taxonomy, store: FeatureStore) -> np.ndarray:
+    model, _ = load_model(run, tax)
+    with torch.no_grad():
+        return torch.softmax(model(torch.from_numpy(np.asarray(store.features(), dtype=np.float32))), 1).numpy()
+
+
+def test_linear_head_reaches_scikit_learns_optimum(tmp_path: Path, tax: Taxonomy) -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.preprocessing import StandardScaler
+
+    from hierclass.data.splits import holdout_mask
+
+    train, test = noisy_store(tmp_path / "train", tax, 1500, 1), noisy_store(tmp_path / "test", tax, 1500, 2)
+    config = TrainConfig(c=0.5, max_iter=500, tol=1e-8, **QUIET)
+    m = train_head("flat", train, None, tax, config, tmp_path / "run")
+    assert m["solver"] == "lbfgs" and m["c"] == 0.5
+    fit = ~holdout_mask(train.product_id, train.leaf, config.holdout, config.seed)
+    x, y = np.asarray(train.features(), dtype=np.float32)[fit], np.asarray(train.leaf)[fit]
+    scaler = StandardScaler().fit(x)
+    ref = LogisticRegression(C=0.5, max_iter=2000, tol=1e-8).fit(scaler.transform(x), y)
+    x_test, y_test = np.asarray(test.features(), dtype=np.float32), np.asarray(test.leaf)
+    ref_p = ref.predict_proba(scaler.transform(x_test))
+    ours = _probs(tmp_path / "run", tax, test)[:, ref.classes_]
+    ours /= ours.sum(1, keepdims=True)
+    acc_ours, acc_ref = (
+        (ref.classes_[ours.argmax(1)] == y_test).mean(),
+        (ref.classes_[ref_p.argmax(1)] == y_test).mean(),
+    )
+    assert 0.3 < acc_ref < 0.95  # a problem with a non-trivial optimum
+    assert abs(acc_ours - acc_ref) <= 0.005, (acc_ours, acc_ref)
+    assert abs(log_loss(y_test, ours, labels=ref.classes_) - log_loss(y_test, ref_p, labels=ref.classes_)) < 2e-3
+
+
+def test_standardisation_is_saved_and_applied_at_inference(tmp_path: Path, tax: Taxonomy) -> None:
+    plain, scaled = noisy_store(tmp_path / "a", tax, 600, 1), noisy_store(tmp_path / "b", tax, 600, 1, 300.0, 40.0)
+    config = TrainConfig(c=1.0, **QUIET)
+    train_head("flat", plain, None, tax, config, tmp_path / "ra")
+    train_head("flat", scaled, None, tax, config, tmp_path / "rb")
+    state = load_file(tmp_path / "rb" / "model.safetensors")
+    from hierclass.data.splits import holdout_mask
+
+    fit = ~holdout_mask(scaled.product_id, scaled.leaf, config.holdout, config.seed)
+    x = np.asarray(scaled.features(), dtype=np.float64)[fit]
+    np.testing.assert_allclose(state["norm.mean"].numpy(), x.mean(0), rtol=1e-4)
+    np.testing.assert_allclose(state["norm.std"].numpy(), x.std(0), rtol=1e-3)
+    # The head trained on features x*300+40 takes raw x*300+40 at inference and agrees with the plain one.
+    pa, pb = _probs(tmp_path / "ra", tax, plain), _probs(tmp_path / "rb", tax, scaled)
+    assert (pa.argmax(1) == pb.argmax(1)).mean() > 0.99
+    np.testing.assert_allclose(pa, pb, atol=0.02)
+    # Without standardisation, a linear head on such features sees other numbers.
+    train_head("flat", scaled, None, tax, TrainConfig(c=1.0, standardize=False, **QUIET), tmp_path / "rc")
+    assert (load_file(tmp_path / "rc" / "model.safetensors")["norm.std"] == 1).all()
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "adamw"])
+def test_val_features_never_choose_anything(tmp_path: Path, tax: Taxonomy, solver: str) -> None:
+    train = noisy_store(tmp_path / "train", tax, 600, 1)
+    val_a, val_b = noisy_store(tmp_path / "va", tax, 200, 2), noisy_store(tmp_path / "vb", tax, 200, 3, 5.0, 9.0)
+    config = TrainConfig(solver=solver, epochs=4, patience=1, c_grid=(0.01, 0.1, 1.0), **QUIET)
+    ma = train_head("flat", train, val_a, tax, config, tmp_path / "ra")
+    mb = train_head("flat", train, val_b, tax, config, tmp_path / "rb")
+    a, b = load_file(tmp_path / "ra" / "model.safetensors"), load_file(tmp_path / "rb" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert ma["holdout_acc"] == mb["holdout_acc"] and ma["val_acc"] != mb["val_acc"]
+    assert ma["n_holdout"] > 0 and ma["n_train"] + ma["n_holdout"] == 600
+
+
+def test_lbfgs_picks_c_per_expert_and_warns(tmp_path: Path, tax: Taxonomy) -> None:
+    train = noisy_store(tmp_path / "train", tax, 800, 1)
+    lines: list[str] = []
+    m = train_head(
+        "experts", train, None, tax, TrainConfig(c_grid=(1e-4, 1e-3), **QUIET), tmp_path / "r", echo=lines.append
+    )
+    assert set(m["c_per_branch"]) == set(tax.level1_names) and m["c"] in (1e-4, 1e-3)
+    assert sum(line.startswith("experts: C=") for line in lines) == 2
+    assert any("weakest L2 strength tried (C=0.001) scored best" in line for line in lines)
+    log = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert [r["c"] for r in log] == [1e-4, 1e-3] and all("holdout_acc" in r for r in log)
+
+
+def test_adamw_warns_while_still_improving(tmp_path: Path, tax: Taxonomy) -> None:
+    train = noisy_store(tmp_path / "train", tax, 600, 1)
+    lines: list[str] = []
+    config = TrainConfig(solver="adamw", epochs=3, lr=1e-4, batch_size=64, **QUIET)
+    m = train_head("router", train, None, tax, config, tmp_path / "r", echo=lines.append)
+    assert m["best_epoch"] == 3 and any("still improving at the last epoch (3)" in line for line in lines)
+    epochs = [line for line in lines if line.startswith("router: epoch ")]
+    assert len(epochs) == 3 and all("train loss" in e and "holdout acc" in e and " lr " in e for e in epochs)
+
+
+def test_auto_budget_scales_with_the_data() -> None:
+    assert engine.auto_epochs(TrainConfig(), 2_000) == (300, 30)  # 4 steps an epoch: 750 wanted, capped at 300
+    assert engine.auto_epochs(TrainConfig(), 100_000) == (16, 3)
+    assert engine.auto_epochs(TrainConfig(), 12_000_000) == (10, 3)
+    assert engine.auto_epochs(TrainConfig(epochs=4, patience=0), 2_000) == (4, 0)
+    assert engine.resolve_solver(TrainConfig(), 2_000, 1280) == "lbfgs"
+    assert engine.resolve_solver(TrainConfig(), 12_000_000, 1280) == "adamw"
+    assert engine.resolve_solver(TrainConfig(hidden=8), 2_000, 1280) == "adamw"
+    with pytest.raises(ValueError, match="linear heads only"):
+        engine.resolve_solver(TrainConfig(solver="lbfgs", hidden=8), 2_000, 1280)

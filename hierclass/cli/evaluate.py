@@ -80,12 +80,16 @@ BatchOpt = Annotated[int, typer.Option(min=1, help="Images per forward pass of t
 
 
 def resolve_taxonomy(run: Path, taxonomy: Path | None) -> Taxonomy:
-    """The ``--taxonomy`` given, else the file the run's checkpoints recorded (when it still exists)."""
+    """The ``--taxonomy`` given, else the run's copy, else the file its checkpoints recorded (if still there)."""
     from hierclass.checkpoint import read_meta
+    from hierclass.run import Run
     from hierclass.taxonomy import Taxonomy
 
     if taxonomy is not None:
         return Taxonomy.from_csv(taxonomy)
+    copy = Run(run).taxonomy()
+    if copy is not None:
+        return copy
     for kind in ("flat", "router", "experts"):
         if (run / kind).is_dir():
             source = (read_meta(run / kind).get("taxonomy") or {}).get("source")

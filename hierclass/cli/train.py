@@ -1,11 +1,15 @@
 """``hierclass train-router | train-experts | train-flat``: train a head on cached features.
 
-One run directory holds an experiment's three heads: ``RUN/router``, ``RUN/experts``, ``RUN/flat``.
+One run directory holds an experiment's three heads: ``RUN/router``, ``RUN/experts``, ``RUN/flat``,
+with a copy of their taxonomy and a manifest (:class:`hierclass.run.Run`). Every field of
+:class:`~hierclass.config.TrainConfig` is an option; ``--config FILE`` reads them from a TOML
+file, and options given on the command line override the file.
 """
 
 from __future__ import annotations
 
 import inspect
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,112 +17,199 @@ from typing import Annotated, Any
 import typer
 
 from hierclass.cli.app import command, fail
-from hierclass.engine import TrainConfig, train_head
-from hierclass.featurestore import FeatureStore
+from hierclass.config import CLASS_BALANCE, SOLVERS, TrainConfig, read_train_config, train_config_fields
+from hierclass.errors import HierclassError
+from hierclass.run import Run
 from hierclass.taxonomy import Taxonomy
 
+Solver = Enum("Solver", {s: s for s in SOLVERS}, type=str)  # type: ignore[misc]
+ClassBalance = Enum("ClassBalance", {s: s for s in CLASS_BALANCE}, type=str)  # type: ignore[misc]
+_CHOICES: dict[str, type] = {"solver": Solver, "class_balance": ClassBalance}
+_OWN_OPTIONS = ("progress", "expert_other")  # declared by hand below
 
-class ClassBalance(str, Enum):
-    none = "none"
-    loss = "loss"
-    sampler = "sampler"
-
-
-_defaults = TrainConfig()
-_DEFAULT_BALANCE = ClassBalance(_defaults.class_balance)
 FeaturesDir = Annotated[
     Path, typer.Option("--train", exists=True, file_okay=False, help="Training features (a feature store directory).")
 ]
 ValDir = Annotated[
     Path | None,
     typer.Option(
-        "--val", exists=True, file_okay=False, help="Validation features; default: 10% of the training products."
+        "--val",
+        exists=True,
+        file_okay=False,
+        help="Features to report the head's accuracy on; never used to choose anything.",
     ),
 ]
 TaxonomyCsv = Annotated[
-    Path, typer.Option("--taxonomy", exists=True, dir_okay=False, help="The category_names.csv of the labels.")
+    Path | None,
+    typer.Option(
+        "--taxonomy",
+        exists=True,
+        dir_okay=False,
+        help="The category_names.csv of the labels; default: the run's copy, else the one the features were made with.",
+    ),
 ]
 RunDir = Annotated[Path, typer.Option("--run", help="Run directory; the head goes to RUN/<router|experts|flat>.")]
-Epochs = Annotated[int, typer.Option(min=1, help="Passes over the training images.")]
-Lr = Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW; warm-up then cosine).")]
-BatchSize = Annotated[int, typer.Option(min=1, help="Images per optimiser step.")]
-Hidden = Annotated[int | None, typer.Option(min=1, help="Hidden width of an MLP head; default: linear.")]
-Dropout = Annotated[float, typer.Option(min=0.0, max=0.99, help="Dropout in the head.")]
-Smoothing = Annotated[float, typer.Option(min=0.0, max=0.99, help="Label smoothing.")]
-Balance = Annotated[ClassBalance, typer.Option(help="Class balancing: none, loss (weighted) or sampler.")]
-Patience = Annotated[int, typer.Option(min=0, help="Epochs without better val accuracy before stopping; 0: never.")]
-Seed = Annotated[int, typer.Option(help="Random seed (same seed, same weights).")]
-Device = Annotated[str, typer.Option(help="cpu or cuda.")]
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option("--config", exists=True, dir_okay=False, help="A TOML file of training options (the option names)."),
+]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a head the run already holds.")]
+Progress = Annotated[
+    bool | None, typer.Option("--progress/--no-progress", help="Progress bars (default: when on a terminal).")
+]
+
+
+def _option_type(name: str, annotation: Any) -> Any:
+    if name in _CHOICES:
+        return _CHOICES[name]
+    if name == "c_grid":
+        return str
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def config_parameters() -> list[inspect.Parameter]:
+    """One keyword option per TrainConfig field, defaulting to None (= not given: the file's, else the default)."""
+    hints = typing.get_type_hints(TrainConfig)
+    params = []
+    for name, field in train_config_fields().items():
+        if name in _OWN_OPTIONS:
+            continue
+        base = _option_type(name, hints[name])
+        flag = "--" + name.replace("_", "-")
+        decl = f"{flag}/--no-{name.replace('_', '-')}" if base is bool else flag
+        default = field.default
+        shown = ",".join(f"{v:g}" for v in default) if name == "c_grid" else default
+        help_text = field.metadata["help"] + ("" if default is None else f" (default: {shown})")
+        option = typer.Option(decl, help=help_text, show_default=False, rich_help_panel="Training options")
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[base | None, option]))  # fmt: skip
+    return params
+
+
+def build_config(given: dict[str, Any], config_file: Path | None) -> TrainConfig:
+    """TrainConfig from the file's options overridden by those given on the command line (None: not given)."""
+    opts = {k: (v.value if isinstance(v, Enum) else v) for k, v in given.items() if v is not None}
+    if "c_grid" in opts:
+        try:
+            opts["c_grid"] = tuple(float(v) for v in str(opts["c_grid"]).split(",") if v.strip())
+        except ValueError:
+            raise fail(f"--c-grid {given['c_grid']!r}: expected comma-separated numbers, e.g. 0.01,0.1,1") from None
+    if opts.get("hidden") == 0:
+        opts["hidden"] = None  # --hidden 0: a linear head, overriding a file's hidden
+    merged = {**(read_train_config(config_file) if config_file is not None else {}), **opts}
+    try:
+        config = TrainConfig(**merged)
+        config.validate()
+    except (TypeError, ValueError) as e:
+        raise fail(str(e)) from None
+    return config
+
+
+def training_taxonomy(taxonomy: Path | None, run: Run, store_meta: dict[str, Any], train: Path) -> Taxonomy:
+    """``--taxonomy``, else the run's copy, else the file the feature store was labelled with."""
+    if taxonomy is not None:
+        return Taxonomy.from_csv(taxonomy)
+    copy = run.taxonomy()
+    if copy is not None:
+        return copy
+    source = store_meta.get("taxonomy_source")
+    if source and Path(source).is_file():
+        return Taxonomy.from_csv(source)
+    raise HierclassError(
+        f"{train}: the taxonomy these features were labelled with ({source or 'not recorded'}) is not there "
+        "and the run has none; pass --taxonomy"
+    )
 
 
 def _train(
-    kind: str, train: Path, val: Path | None, taxonomy: Path, run: Path, branch: str | None, **opts: Any
+    kind: str,
+    train: Path,
+    val: Path | None,
+    taxonomy: Path | None,
+    run_dir: Path,
+    branch: str | None,
+    config_file: Path | None,
+    overwrite: bool,
+    **given: Any,
 ) -> None:
-    opts["class_balance"] = opts["class_balance"].value
-    try:
-        config = TrainConfig(**opts)
-        config.validate()
-    except ValueError as e:
-        raise fail(str(e)) from None
-    tax = Taxonomy.from_csv(taxonomy)
+    config = build_config(given, config_file)
+    from hierclass.engine import train_head
+    from hierclass.featurestore import FeatureStore
+
     train_store = FeatureStore.open(train)
     val_store = FeatureStore.open(val) if val is not None else None
-    if val_store is None:
-        typer.echo("no --val: validating on a deterministic 10% of the training products (all images of a product)")
-    out_dir = run / kind
-    m = train_head(kind, train_store, val_store, tax, config, out_dir, branch=branch)
+    run = Run(run_dir)
+    tax = training_taxonomy(taxonomy, run, train_store.meta, train)
+    train_store.check_taxonomy(tax.fingerprint)
+    run.adopt_taxonomy(tax)
+    out_dir = run.head_dir(kind)
+    m = train_head(
+        kind, train_store, val_store, tax, config, out_dir, branch=branch, overwrite=overwrite,
+        echo=lambda line: typer.echo(line, err=True),
+    )  # fmt: skip
+    run.record_head(
+        kind if branch is None else f"{kind}[{branch}]",
+        {"train": str(train), "val": str(val) if val else None, "config": config.to_dict(), "metrics": m},
+    )
     what = kind + (f" (branch {branch!r})" if branch else "")
+    if m["solver"] == "lbfgs":
+        chose = f"L-BFGS, C={m['c']:g} chosen on the holdout"
+    else:
+        stop = " (stopped early)" if m["stopped_early"] else ""
+        chose = f"AdamW, best epoch {m['best_epoch']}/{m['epochs']}{stop} on the holdout"
+    scores = [f"holdout acc {m['holdout_acc']:.4f}"] if "holdout_acc" in m else []
+    if "val_acc" in m:
+        scores.append(f"val acc {m['val_acc']:.4f}, val loss {m['val_loss']:.4f}")
     typer.echo(
-        f"{what}: best epoch {m['best_epoch']}/{m['epochs_run']}"
-        f"{' (stopped early)' if m['stopped_early'] else ''}, val acc {m['val_acc']:.4f}, "
-        f"val loss {m['val_loss']:.4f}, {m['seconds']:.1f} s, {m['n_train']} train / {m['n_val']} val images"
+        f"{what}: {chose}; {', '.join(scores) or 'nothing scored'}; {m['seconds']:.1f} s, "
+        f"{m['n_train']} train / {m['n_holdout']} holdout / {m['n_val']} val images"
     )
     typer.echo(f"saved {out_dir}")
 
 
 def _train_command(kind: str, doc: str) -> None:
-    """Register ``hierclass train-KIND``; the three commands share every option but --branch and --expert-other
-    (experts only)."""
+    """Register ``hierclass train-KIND``; the three share every option but --branch and --expert-other."""
 
     def train_cmd(
         train: FeaturesDir,
-        taxonomy: TaxonomyCsv,
         run: RunDir,
+        taxonomy: TaxonomyCsv = None,
         val: ValDir = None,
         branch: Annotated[
             str | None, typer.Option(help="Retrain only this level-1 branch's expert inside RUN/experts.")
         ] = None,
         expert_other: Annotated[
-            bool,
+            bool | None,
             typer.Option(
-                "--expert-other",
+                "--expert-other/--no-expert-other",
                 help="Every expert also learns an 'other' class from the other branches' images, so routing "
                 "mistakes can be recovered at inference (costs about a flat head per step).",
+                show_default=False,
             ),
-        ] = _defaults.expert_other,
-        epochs: Epochs = _defaults.epochs,
-        lr: Lr = _defaults.lr,
-        batch_size: BatchSize = _defaults.batch_size,
-        hidden: Hidden = _defaults.hidden,
-        dropout: Dropout = _defaults.dropout,
-        label_smoothing: Smoothing = _defaults.label_smoothing,
-        class_balance: Balance = _DEFAULT_BALANCE,
-        patience: Patience = _defaults.patience,
-        seed: Seed = _defaults.seed,
-        device: Device = _defaults.device,
+        ] = None,
+        config: ConfigFile = None,
+        overwrite: Overwrite = False,
+        progress: Progress = None,
+        **options: Any,
     ) -> None:
-        opts = {k: v for k, v in locals().items() if k != "kind"}  # locals() holds the closure's kind too
-        head = [opts.pop(k) for k in ("train", "val", "taxonomy", "run", "branch")]
-        _train(kind, *head, **opts)
+        _train(
+            kind, train, val, taxonomy, run, branch, config, overwrite,
+            expert_other=expert_other, progress=progress, **options,
+        )  # fmt: skip
 
     train_cmd.__doc__ = doc
     train_cmd.__name__ = f"train_{kind}"
-    # typer reads this signature: hide --branch and --expert-other where they mean nothing (eval_str: resolved
-    # annotations); the hidden ones keep their defaults.
+    # typer reads this signature: every TrainConfig field as an option; --branch and --expert-other on
+    # train-experts only (eval_str: resolved annotations).
     sig = inspect.signature(train_cmd, eval_str=True)
-    keep = [p for p in sig.parameters.values() if kind == "experts" or p.name not in ("branch", "expert_other")]
-    train_cmd.__signature__ = sig.replace(parameters=keep)  # type: ignore[attr-defined]
-    command(name=f"train-{kind}")(train_cmd)
+    keep = [
+        p
+        for p in sig.parameters.values()
+        if p.kind != inspect.Parameter.VAR_KEYWORD and (kind == "experts" or p.name not in ("branch", "expert_other"))
+    ]
+    train_cmd.__signature__ = sig.replace(parameters=keep + config_parameters())  # type: ignore[attr-defined]
+    command(name=f"train-{kind}", context_settings={"help_option_names": ["-h", "--help"]})(train_cmd)
 
 
 _train_command("router", "Train the router (level-1 branches) into RUN/router.")

@@ -50,6 +50,35 @@ def _check_head_args(dim: int, n_out: int, hidden: int | None, dropout: float, a
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
 
 
+class Standardize(nn.Module):
+    """``(x - mean) / std`` with the training features' statistics, saved with the head.
+
+    A fresh one is the identity; :meth:`set_` fills it before training, and inference applies
+    it as part of the head, so callers always pass raw features.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.bypass = False  # True while a solver feeds already standardised features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x if self.bypass else (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def set_(self, mean: Tensor, std: Tensor) -> None:
+        """Use these statistics (a constant feature, std 0, is only centred)."""
+        self.mean.copy_(mean)
+        self.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Heads saved before they standardised their input: the identity.
+        state_dict.setdefault(prefix + "mean", torch.zeros_like(self.mean))
+        state_dict.setdefault(prefix + "std", torch.ones_like(self.std))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class _DenseHead(nn.Module):
     """Linear, or Linear - activation - Dropout - Linear, from ``dim`` features to ``n_out`` logits."""
 
@@ -59,6 +88,7 @@ class _DenseHead(nn.Module):
         super().__init__()
         _check_head_args(dim, n_out, hidden, dropout, activation)
         self.dim, self.n_out, self.hidden, self.dropout, self.activation = dim, n_out, hidden, dropout, activation
+        self.norm = Standardize(dim)
         if hidden is None:
             # Dropout on the input features is the only regulariser a linear head can use.
             self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, n_out))
@@ -68,7 +98,7 @@ class _DenseHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[N, n_classes]`` for features ``x [N, dim]``."""
-        return self.net(x)
+        return self.net(self.norm(x))
 
     def config(self) -> dict[str, Any]:
         """What a checkpoint needs to rebuild this head."""
@@ -200,6 +230,7 @@ class ExpertHeads(nn.Module):
         self.register_buffer("leaf_local", torch.tensor(taxonomy.leaf_local), persistent=False)
         self.register_buffer("starts", torch.tensor(taxonomy.branch_start[:-1]), persistent=False)
         self.register_buffer("sizes", torch.tensor(taxonomy.branch_sizes), persistent=False)
+        self.norm = Standardize(dim)
         self.drop = nn.Dropout(dropout)
         self._act = ACTIVATIONS[activation]
         # Column segments of [leaf logits | other logits]: leaf columns by branch, then one other column per branch.
@@ -229,6 +260,7 @@ class ExpertHeads(nn.Module):
 
     def all_logits(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Every expert's leaf logits ``[N, n_leaves]`` and other logits ``[N, n_level1]`` (None without other)."""
+        x = self.norm(x)
         if self.hidden is None:
             x = self.drop(x)
             return self.linear(x), (self.other_linear(x) if self.other else None)
@@ -273,6 +305,7 @@ class ExpertHeads(nn.Module):
         if include_other:
             self._need_other()
         start, size = self.branch_start[branch], self.branch_sizes[branch]
+        x = self.norm(x)
         if self.hidden is None:
             x = self.drop(x)
             out = F.linear(x, self.linear.weight[start : start + size], self.linear.bias[start : start + size])
@@ -300,6 +333,7 @@ class ExpertHeads(nn.Module):
         """
         local = torch.arange(self.max_size, device=x.device)
         real = local.unsqueeze(0) < self.sizes[branch].unsqueeze(1)
+        x = self.norm(x)
         out = self._grouped_linear(x, branch) if self.hidden is None else self._grouped_mlp(x, branch)
         return out.masked_fill(~real, -math.inf)
 
@@ -312,9 +346,10 @@ class ExpertHeads(nn.Module):
         gradient into one buffer; slicing it per branch would add a full-size gradient per branch
         (5x slower on CPU). A padded ``bmm`` over gathered weights (the MLP path) measured 4x slower.
         """
-        order = torch.argsort(branch, stable=True)
         counts = torch.bincount(branch, minlength=self.n_branches).tolist()
-        xs = self.drop(x)[order].split(counts)
+        grouped = len(branch) < 2 or bool((branch[1:] >= branch[:-1]).all())  # e.g. a full batch sorted once
+        order = None if grouped else torch.argsort(branch, stable=True)
+        xs = (self.drop(x) if grouped else self.drop(x)[order]).split(counts)
         weights = self.linear.weight.split(self.branch_sizes)
         biases = self.linear.bias.split(self.branch_sizes)
         parts = [
@@ -322,9 +357,12 @@ class ExpertHeads(nn.Module):
             for b in range(self.n_branches)
             if counts[b]
         ]
+        if not parts:
+            return x.new_empty((len(branch), self.max_size))
+        if order is None:
+            return torch.cat(parts)
         out = x.new_empty((len(branch), self.max_size))
-        if parts:
-            out[order] = torch.cat(parts)
+        out[order] = torch.cat(parts)
         return out
 
     def _grouped_mlp(self, x: Tensor, branch: Tensor) -> Tensor:
