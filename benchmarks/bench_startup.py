@@ -5,8 +5,7 @@
 
 Each command runs ``--runs`` times in a fresh interpreter, interleaved with the others so that a
 change of load hits them all alike; the table gives the median wall time, the median over
-``python -c pass`` and the peak resident memory. ``no train`` rows run the same command with the
-train-* commands left out, which shows what the rest of the CLI costs on its own.
+``python -c pass`` and the peak resident memory.
 """
 
 from __future__ import annotations
@@ -20,12 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-NO_TRAIN = "import sys, types; sys.modules['hierclass.cli.train'] = types.ModuleType('hierclass.cli.train'); "
 
-
-def cli(args: list[str], without_train: bool = False) -> list[str]:
-    prefix = NO_TRAIN if without_train else ""
-    code = f"{prefix}import sys; sys.argv = ['hierclass', *{args!r}]; from hierclass.cli import main; main()"
+def cli(args: list[str]) -> list[str]:
+    code = f"import sys; sys.argv = ['hierclass', *{args!r}]; from hierclass.cli import main; main()"
     return [sys.executable, "-c", code]
 
 
@@ -56,8 +52,6 @@ def main() -> None:
         "python -c pass": [sys.executable, "-c", "pass"],
         "hierclass --help": cli(["--help"]),
         "hierclass taxonomy stats": cli(["taxonomy", "stats", str(taxonomy)]),
-        "hierclass --help (no train)": cli(["--help"], without_train=True),
-        "hierclass taxonomy stats (no train)": cli(["taxonomy", "stats", str(taxonomy)], without_train=True),
     }
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     for cmd in commands.values():  # warm the page cache
