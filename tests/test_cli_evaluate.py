@@ -147,6 +147,16 @@ def test_end_to_end_from_a_dump(tmp_path: Path) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert csv_path.read_text().splitlines()[0] == "_id,category_id"  # no SKUs, no sku column
+    assert result.stderr == ""  # --no-progress: extraction and indexing draw no bars
+
+    folders = tmp_path / "by-name"  # ImageFolder style: one folder per level-3 name
+    for i, (_, cid, jpegs, _) in enumerate(products[:4]):
+        (folders / tax.leaf_names[tax.leaf_index(cid)]).mkdir(parents=True, exist_ok=True)
+        (folders / tax.leaf_names[tax.leaf_index(cid)] / f"{i}.jpg").write_bytes(jpegs[0])
+    args = ["predict", "--run", str(tmp_path / "run"), "--data", str(folders), "--out", str(csv_path), "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(list(csv.DictReader(csv_path.open()))) == 4
 
 
 def test_features_cache_is_keyed_by_content(tmp_path: Path) -> None:

@@ -305,7 +305,7 @@ def predict_command(
     if data is not None:
         from hierclass.data import open_source, source_skus
 
-        source = open_source(data, progress=False)
+        source = open_source(data, progress=False, taxonomy=tax)
         product_ids, skus = source.product_ids, source_skus(source)
     else:
         product_ids = np.unique(store.product_id)
