@@ -169,7 +169,10 @@ def test_features_cache_is_keyed_by_content(tmp_path: Path) -> None:
     first = features_cache_dir(run, a)
     assert first.parent == run / "features" and first.name.startswith("val-")
     assert features_cache_dir(run, a) == first and features_cache_dir(run, b) != first  # same name, other folder
-    assert features_cache_dir(run, a, hflip=True).name == first.name + "-hflip"
+    assert features_cache_dir(run, a, {"hflip": True}) != first  # other settings, another cache
+    assert features_cache_dir(run, a, {"backbone": "x", "hflip": False}) == features_cache_dir(
+        run, a, {"hflip": False, "backbone": "x"}
+    )
     dump = tmp_path / "val.bson"
     write_dump(dump, synthetic_products(2))
     before = features_cache_dir(run, dump)
