@@ -153,6 +153,16 @@ def test_end_to_end_from_a_dump(tmp_path: Path) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert csv_path.read_text().splitlines()[0] == "_id,category_id"  # no SKUs, no sku column
+    assert result.stderr == ""  # --no-progress: extraction and indexing draw no bars
+
+    folders = tmp_path / "by-name"  # ImageFolder style: one folder per level-3 name
+    for i, (_, cid, jpegs, _) in enumerate(products[:4]):
+        (folders / tax.leaf_names[tax.leaf_index(cid)]).mkdir(parents=True, exist_ok=True)
+        (folders / tax.leaf_names[tax.leaf_index(cid)] / f"{i}.jpg").write_bytes(jpegs[0])
+    args = ["predict", "--run", str(tmp_path / "run"), "--data", str(folders), "--out", str(csv_path), "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(list(csv.DictReader(csv_path.open()))) == 4
 
 
 def test_features_cache_is_keyed_by_content(tmp_path: Path) -> None:
@@ -165,7 +175,10 @@ def test_features_cache_is_keyed_by_content(tmp_path: Path) -> None:
     first = features_cache_dir(run, a)
     assert first.parent == run / "features" and first.name.startswith("val-")
     assert features_cache_dir(run, a) == first and features_cache_dir(run, b) != first  # same name, other folder
-    assert features_cache_dir(run, a, hflip=True).name == first.name + "-hflip"
+    assert features_cache_dir(run, a, {"hflip": True}) != first  # other settings, another cache
+    assert features_cache_dir(run, a, {"backbone": "x", "hflip": False}) == features_cache_dir(
+        run, a, {"hflip": False, "backbone": "x"}
+    )
     dump = tmp_path / "val.bson"
     write_dump(dump, synthetic_products(2))
     before = features_cache_dir(run, dump)

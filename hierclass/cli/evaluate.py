@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -149,37 +150,39 @@ def build_models(
     return models
 
 
-def features_cache_dir(run: Path, data: Path, hflip: bool = False) -> Path:
-    """Where the features of ``--data`` are cached: ``RUN/features/<name>-<key>[-hflip]``.
+def features_cache_dir(run: Path, data: Path, settings: dict[str, Any] | None = None) -> Path:
+    """Where the features of ``--data`` are cached: ``RUN/features/<name>-<key>``.
 
     The key hashes the source's resolved path, size and modification time (and those of a
-    folder's category folders), so two sources of the same name never share a cache, and a
-    source that changed gets a fresh one. Features with flipped views (``--tta``) have a
-    cache of their own. ``evaluate`` and ``predict`` both cache here.
+    folder's category folders) and the extraction ``settings`` (backbone, weights, input size,
+    flipped views), so two sources of the same name never share a cache, and a source that
+    changed, or a run retrained on another backbone, gets a fresh one. ``evaluate`` and
+    ``predict`` both cache here.
     """
     path = data.resolve()
-    parts = [str(path)]
+    parts = [str(path), json.dumps(settings or {}, sort_keys=True, default=str)]
     stats = [path, *sorted(p for p in path.iterdir() if p.is_dir())] if path.is_dir() else [path]
     for p in stats:
         st = p.stat()
         parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
-    return run / "features" / f"{data.name}-{key}{'-hflip' if hflip else ''}"
+    return run / "features" / f"{data.name}-{key}"
 
 
 def open_features(
-    run: Path,
     models: dict[str, Classifier],
     taxonomy: Taxonomy,
     features: Path | None,
     data: Path | None,
-    cache: Path | None,
+    run: Path,
     tta: bool,
     progress: bool = True,
+    cache: Path | None = None,
     strict: bool = False,
 ) -> FeatureStore:
-    """The feature store to score: ``--features``, or features of ``--data`` extracted (and cached in
-    ``cache``) with the backbone and preprocessing the run's heads were trained on."""
+    """The feature store to score: ``--features``, or features of ``--data`` extracted with the backbone
+    and preprocessing the run's heads were trained on, cached in ``cache`` (default: see
+    :func:`features_cache_dir`)."""
     from hierclass.featurestore import FeatureStore
     from hierclass.report import check_store, features_meta
 
@@ -190,21 +193,27 @@ def open_features(
     else:
         from hierclass.features import extract_features
 
-        assert cache is not None
-
         trained = features_meta(models)
         if not trained.get("backbone"):
             raise fail("the run's checkpoints do not record their backbone; extract features and pass --features")
         size = (trained.get("data_config") or {}).get("input_size")
+        settings = {
+            "backbone": trained["backbone"],
+            "pretrained": trained.get("pretrained", "none"),
+            "engine": trained.get("engine", "onnx"),
+            "image_size": int(size[-1]) if size else None,
+            "hflip": tta,
+        }
+        cache = cache or features_cache_dir(run, data, settings)
         typer.echo(f"extracting {data} with {trained['backbone']} into {cache} (reused when run again)")
         store = extract_features(
             data,
             taxonomy,
-            trained["backbone"],
-            trained.get("pretrained", "none"),
+            settings["backbone"],
+            settings["pretrained"],
             cache,
-            engine=trained.get("engine", "onnx"),
-            image_size=int(size[-1]) if size else None,
+            engine=settings["engine"],
+            image_size=settings["image_size"],
             hflip=tta,
             progress=progress,
             strict=strict,
@@ -249,8 +258,7 @@ def evaluate_command(
         fused_alpha=fused_alpha,
         calibrate_dir=calibrate_dir,
     )
-    cache = features_cache_dir(run, data, tta) if data is not None else None
-    store = open_features(run, models, tax, features, data, cache, tta, progress)
+    store = open_features(models, tax, features, data, run, tta, progress)
     report = evaluate(
         models,
         store,
@@ -331,8 +339,9 @@ def predict_command(
     if model.value not in models:
         raise fail(f"{run}: has no {model.value} model; train it, or pass --model {' or '.join(models)}")
     clf = models[model.value]
-    cache = features_cache or (features_cache_dir(run, data, tta) if data is not None else None)
-    store = open_features(run, {model.value: clf}, tax, features, data, cache, tta, progress, strict=strict)
+    store = open_features(
+        {model.value: clf}, tax, features, data, run, tta, progress, cache=features_cache, strict=strict
+    )
     if not np.asarray(store.valid).any():
         raise fail(
             f"{data or features}: none of its {store.n_images} image(s) could be decoded; nothing to predict from "
@@ -343,7 +352,7 @@ def predict_command(
     if data is not None:
         from hierclass.data import open_source, source_skus
 
-        source = open_source(data, progress=False)
+        source = open_source(data, progress=False, taxonomy=tax)
         product_ids, skus = source.product_ids, source_skus(source)
         report = getattr(source, "report", None)
         if report is not None and not report.ok:
