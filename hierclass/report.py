@@ -9,7 +9,9 @@ metric that cannot be computed, e.g. mistake severity with no mistakes, is ``nul
 
     {
       "meta": {"models": ["flat", "hierarchical", ...], "features": ..., "aggregation": "mean",
-               "tta": false, "abstain_threshold": null, "taxonomy": {...}, "n_bins": 15, ...},
+               "tta": false, "abstain_threshold": null, "taxonomy": {...}, "n_bins": 15,
+               "splits": {"early_stopping", "calibration", "scored"}: which images chose what,
+               "warnings": [...] (e.g. calibrated on the scored images), ...},
       "flat": {
         # image-level figures, at the top so they are read first
         "leaf_top1", "leaf_top5", "level1_acc", "level2_acc", "macro_f1",
@@ -23,6 +25,8 @@ metric that cannot be computed, e.g. mistake severity with no mistakes, is ``nul
                     aggregated), with "n" the number of labelled products},
         "settings": {how this model was run: combine, k, temperatures, alpha, ...}
       },
+      # every model but flat, when flat is scored: "vs_flat" (also in "product") =
+      #   {"diff", "ci_low", "ci_high" (paired bootstrap 95%), "mcnemar_p", "wins", "losses", "n", "verdict"}
       "hierarchical": {... the same, plus "router_acc" and "oracle_leaf_top1" (experts
                        given the true branch), in the image and product dicts, and
                        "router_acc" in each per-branch row},
@@ -44,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from hierclass.atomic import atomic_open
+from hierclass.data.splits import holdout_mask
 from hierclass.errors import CheckpointError
 from hierclass.featurestore import FeatureStore, FeatureStoreError, write_json_atomic
 from hierclass.inference import (
@@ -111,6 +116,7 @@ def evaluate(
     abstain_threshold: float | None = None,
     chunk_images: int = 8192,
     meta: Mapping[str, Any] | None = None,
+    calibration: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score classifiers on the labelled images of a feature store, and on its products.
 
@@ -122,6 +128,10 @@ def evaluate(
         abstain_threshold: also report accuracy and coverage at this confidence threshold.
         chunk_images: images per inference chunk (memory bound).
         meta: extra fields for ``report["meta"]``.
+        calibration: where the temperatures and fusion weights were fitted, if they were:
+            ``{"store": path, "rows": "holdout" or "all", "n_images": count}`` (see
+            :func:`calibration_record`). Recorded in ``meta.splits``; fitting them on the scored
+            images themselves adds a warning to ``meta.warnings``.
 
     Returns:
         The report (the ``report.json`` layout in this module's docstring).
@@ -151,6 +161,8 @@ def evaluate(
             "n_bins": N_BINS,
             "taxonomy": {"source": taxonomy.source, "fingerprint": taxonomy.fingerprint, **taxonomy.stats()},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "splits": splits_record(classifiers, store, calibration),
+            "warnings": calibration_warnings(store, calibration),
             **dict(meta or {}),
         }
     }
@@ -168,6 +180,44 @@ def evaluate(
                 report[name]["vs_flat"] = paired_comparison(correct[name][0], base_images)
                 report[name]["product"]["vs_flat"] = paired_comparison(correct[name][1], base_products)
     return report
+
+
+def calibration_record(store: FeatureStore, rows: np.ndarray | None = None) -> dict[str, Any]:
+    """What :func:`evaluate` records of a calibration done by :func:`calibrate` on ``store`` with ``rows``."""
+    use = store.valid & (store.leaf >= 0)
+    if rows is not None:
+        use &= np.asarray(rows, dtype=bool)
+    return {"store": str(store.root), "rows": "all" if rows is None else "holdout", "n_images": int(use.sum())}
+
+
+def splits_record(
+    classifiers: Mapping[str, Classifier], store: FeatureStore, calibration: Mapping[str, Any] | None
+) -> dict[str, str]:
+    """Which images chose what: the heads' settings, the temperatures and fusion weights, the scores."""
+    if calibration is None:
+        calibrated = "not fitted (temperatures 1, fusion weight as given)"
+    elif calibration["rows"] == "holdout":
+        calibrated = f"the {calibration['n_images']} held-out images of the training set {calibration['store']}"
+    else:
+        calibrated = f"all {calibration['n_images']} labelled images of {calibration['store']}"
+    return {
+        "early_stopping": early_stopping_source(classifiers) or "not recorded by the heads",
+        "calibration": calibrated,
+        "scored": f"{int((store.valid & (store.leaf >= 0)).sum())} labelled images of {store.root}",
+    }
+
+
+def calibration_warnings(store: FeatureStore, calibration: Mapping[str, Any] | None) -> list[str]:
+    """A warning when temperatures and fusion weights were fitted on the very images scored."""
+    if calibration is None or calibration["rows"] != "all":
+        return []
+    if Path(calibration["store"]).resolve() != Path(store.root).resolve():
+        return []
+    return [
+        f"temperatures and fusion weights were fitted on the scored images themselves ({store.root}): "
+        "the calibrated and fused figures (accuracy, ECE, verdicts) are optimistic; calibrate on the "
+        "training set's holdout instead (--calibrate TRAIN_FEATURES)"
+    ]
 
 
 def _correct(preds: Predictions) -> np.ndarray:
@@ -289,10 +339,12 @@ def markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         "prediction are one path of the tree. Hierarchical F1 is the set-based hF1 of Kiritchenko et al.; "
         "mistake severity is the mean tree distance (1 same level 2, 2 same level 1, 3 other branch) over errors.",
         "",
+        *(f"> **Warning:** {w}\n" for w in meta.get("warnings", [])),
         "## Models",
         "",
         _table(["model", "settings"], [[n, _settings_text(report[n]["settings"])] for n in names]),
         "",
+        *_splits_markdown(meta),
         *_verdict_markdown(report),
         "## Images",
         "",
@@ -320,6 +372,20 @@ def markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     if "coverage" in plots:
         out += [f"![accuracy against coverage]({plots['coverage']})", ""]
     return "\n".join(out)
+
+
+def _splits_markdown(meta: Mapping[str, Any]) -> list[str]:
+    splits = meta.get("splits")
+    if not splits:
+        return []
+    return [
+        "Which images chose what:",
+        "",
+        f"- heads' settings (L2 strength, early-stopping epoch): {splits['early_stopping']}",
+        f"- temperatures and fusion weight: {splits['calibration']}",
+        f"- scored on: {splits['scored']}",
+        "",
+    ]
 
 
 def _verdict_markdown(report: Mapping[str, Any]) -> list[str]:
@@ -549,19 +615,84 @@ def check_store(store: FeatureStore, classifiers: Mapping[str, Classifier], run:
         )
 
 
-def calibrate(models: Mapping[str, Classifier], store: FeatureStore, *, tune_fused: bool = True) -> dict[str, Any]:
-    """Fit every model's temperatures (and fused alphas) on labelled validation features, in place.
+def training_holdout(store: FeatureStore, classifiers: Mapping[str, Classifier]) -> np.ndarray | None:
+    """The image rows of ``store`` that the heads held out of their training, when ``store`` is their training set.
+
+    Every head records the holdout it carved from its training features (``training.holdout``:
+    fraction and seed of :func:`hierclass.data.splits.holdout_mask`) and how many labelled images
+    it trained and early-stopped on. ``store`` is taken for the training set when the same
+    holdout drawn on it gives the flat and router heads those same counts.
+
+    Returns:
+        A boolean mask over the store's rows (True: held out), or None when a head records no
+        holdout, the heads disagree on it, or ``store`` is not what they were trained on.
+    """
+    spec: dict[str, Any] | None = None
+    for clf in classifiers.values():
+        for meta in clf.meta.values():
+            held = (meta.get("training") or {}).get("holdout")
+            if not held or (spec is not None and held != spec):
+                return None
+            spec = held
+    if spec is None:
+        return None
+    mask = holdout_mask(store.product_id, store.leaf, fraction=spec["fraction"], seed=spec["seed"])
+    labelled = store.valid & (store.leaf >= 0)
+    checked = 0
+    for clf in classifiers.values():
+        for head, meta in clf.meta.items():
+            metrics = meta.get("metrics") or {}
+            if head in ("flat", "router") and "n_holdout" in metrics:
+                if (int((labelled & mask).sum()), int((labelled & ~mask).sum())) != (
+                    metrics["n_holdout"],
+                    metrics["n_train"],
+                ):
+                    return None
+                checked += 1
+    return mask if checked and (labelled & mask).any() else None
+
+
+def early_stopping_source(classifiers: Mapping[str, Classifier]) -> str | None:
+    """What the heads chose their training settings (L2 strength, epoch) on, as they recorded it."""
+    sources = {
+        (meta.get("metrics") or {}).get("holdout_source") for clf in classifiers.values() for meta in clf.meta.values()
+    } - {None}
+    return "; ".join(sorted(sources)) or None
+
+
+def calibrate(
+    models: Mapping[str, Classifier],
+    store: FeatureStore,
+    *,
+    tune_fused: bool = True,
+    rows: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Fit every model's temperatures (and fused alphas) on labelled features, in place.
 
     Flat and hierarchical models get their temperatures (:meth:`FlatClassifier.calibrate`,
     :meth:`HierarchicalClassifier.calibrate`) first; then each fused model's ``alpha`` is
     chosen by NLL over its (calibrated) parts when ``tune_fused``.
+
+    Fit them on images the heads were not trained on and that will not be scored: the
+    holdout of the training set (``rows=training_holdout(train_store, models)``) is both.
+
+    Args:
+        models: the models to calibrate.
+        store: the features to fit on.
+        tune_fused: also choose each fused model's ``alpha``.
+        rows: a boolean mask over the store's rows: fit on these only (default: every labelled row).
 
     Returns:
         What was fitted, per model (also in each model's ``settings`` in the report).
     """
     check_store(store, models)
     features = store.features()
-    leaf = np.where(store.valid, store.leaf, -1)
+    use = store.valid if rows is None else store.valid & np.asarray(rows, dtype=bool)
+    if rows is not None and len(rows) != store.n_images:
+        raise ValueError(f"rows has {len(rows)} entries but {store.root} has {store.n_images} images")
+    leaf = np.where(use, store.leaf, -1)
+    if not (leaf >= 0).any():
+        raise FeatureStoreError(f"{store.root}: no labelled images to calibrate on among the rows given")
     fitted: dict[str, Any] = {}
     done: set[int] = set()
     for name, clf in models.items():

@@ -188,3 +188,27 @@ def test_fill_missing_products() -> None:
     assert n == 1 and filled.ids.tolist() == [13, 99, 11]
     assert filled.pred.tolist() == [2, 2, 0]  # the most predicted leaf for the missing product
     assert filled.topk_prob[1, 0] == pytest.approx(2 / 3)
+
+
+def test_calibration_on_the_training_holdout(run: tuple[Path, Path, Path]) -> None:
+    from hierclass.data.splits import holdout_mask
+    from hierclass.report import calibrate, training_holdout
+
+    tax_csv, run_dir, val_dir = run
+    tax = Taxonomy.from_csv(tax_csv)
+    train = FeatureStore.open(run_dir.parent / "train")
+    models = load_run(run_dir, tax)
+    held = training_holdout(train, models)
+    assert held is not None
+    np.testing.assert_array_equal(held, holdout_mask(train.product_id, train.leaf, fraction=0.1, seed=0))
+    meta = json.loads((run_dir / "flat" / "meta.json").read_text())
+    assert int((held & train.valid).sum()) == meta["metrics"]["n_holdout"]
+    assert training_holdout(FeatureStore.open(val_dir), models) is None  # not what the heads were trained on
+    # fitting on the rows given is fitting on those rows alone
+    flat = load_run(run_dir, tax)["flat"]
+    calibrate({"flat": models["flat"]}, train, rows=held)
+    rows = np.flatnonzero(held & train.valid)
+    flat.calibrate(np.asarray(train.features())[rows], train.leaf[rows])
+    assert models["flat"].temperature == pytest.approx(flat.temperature) and flat.temperature != 1.0
+    with pytest.raises(FeatureStoreError, match="no labelled images to calibrate on"):
+        calibrate({"flat": models["flat"]}, train, rows=np.zeros(train.n_images, dtype=bool))

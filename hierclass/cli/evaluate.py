@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -82,7 +82,8 @@ CalibrateOpt = Annotated[
         "--calibrate",
         exists=True,
         file_okay=False,
-        help="Validation features: fit each head's temperature (and an 'auto' fused a) on them first.",
+        help="Features to fit each head's temperature (and an 'auto' fused a) on first: the run's training "
+        "features (their held-out images are used), or other labelled features not scored.",
     ),
 ]
 BatchOpt = Annotated[int, typer.Option(min=1, help="Images per forward pass of the heads.")]
@@ -115,15 +116,22 @@ def build_models(
     batch_size: int,
     fused_alpha: str | None,
     calibrate_dir: Path | None,
-) -> dict[str, Classifier]:
-    """The run's models, plus ``fused`` when ``fused_alpha`` is given, calibrated on ``calibrate_dir`` if given."""
+) -> tuple[dict[str, Classifier], dict[str, Any] | None]:
+    """The run's models, plus ``fused`` when ``fused_alpha`` is given, calibrated on ``calibrate_dir`` if given.
+
+    When ``calibrate_dir`` holds the features the run was trained on, only the images its heads
+    held out of training are used.
+
+    Returns:
+        The models and what they were calibrated on (:func:`hierclass.report.calibration_record`; None: not).
+    """
     models = load_run(run, tax, combine=combine.value, k=k, batch_size=batch_size)
     auto = fused_alpha is not None and fused_alpha.strip().lower() == "auto"
     if fused_alpha is not None:
         if set(models) != {"flat", "hierarchical"}:
             raise fail(f"{run}: a fused model needs both the flat and the hierarchical model")
         if auto and calibrate_dir is None:
-            raise fail("--fused-alpha auto tunes a on validation features; pass them with --calibrate")
+            raise fail("--fused-alpha auto tunes a on labelled features; pass the training features with --calibrate")
         try:
             alpha = 0.5 if auto else float(fused_alpha)
         except ValueError:
@@ -131,12 +139,20 @@ def build_models(
         if not 0.0 <= alpha <= 1.0:
             raise fail(f"--fused-alpha {alpha} is outside [0, 1]; give a in [0, 1] or 'auto'")
         models["fused"] = FusedClassifier(models["flat"], models["hierarchical"], alpha=alpha)  # type: ignore[arg-type]
-    if calibrate_dir is not None:
-        fitted = calibrate(models, FeatureStore.open(calibrate_dir), tune_fused=auto)
-        for name, settings in fitted.items():
-            shown = {k: round(v, 4) for k, v in settings.items() if isinstance(v, float)}
-            typer.echo(f"calibrated   {name}: {', '.join(f'{k}={v}' for k, v in shown.items())}")
-    return models
+    if calibrate_dir is None:
+        return models, None
+    from hierclass.report import calibration_record, training_holdout
+
+    store = FeatureStore.open(calibrate_dir)
+    held = training_holdout(store, models)
+    fitted = calibrate(models, store, tune_fused=auto, rows=held)
+    record = calibration_record(store, held)
+    where = "held-out images of the run's training set" if held is not None else "labelled images"
+    typer.echo(f"calibrating on the {record['n_images']} {where} in {calibrate_dir}")
+    for name, settings in fitted.items():
+        shown = {k: round(v, 4) for k, v in settings.items() if isinstance(v, float)}
+        typer.echo(f"calibrated   {name}: {', '.join(f'{k}={v}' for k, v in shown.items())}")
+    return models, record
 
 
 def open_features(
@@ -194,7 +210,7 @@ def evaluate_command(
 ) -> None:
     """Score the run's flat and hierarchical models on the same labelled images and products."""
     tax = resolve_taxonomy(run, taxonomy)
-    models = build_models(
+    models, calibration = build_models(
         run,
         tax,
         combine=combine,
@@ -211,7 +227,10 @@ def evaluate_command(
         tta=tta,
         abstain_threshold=abstain_threshold,
         meta={"run": str(run)},
+        calibration=calibration,
     )
+    for warning in report["meta"]["warnings"]:
+        typer.echo(f"WARNING: {warning}", err=True)
     md = write_report(report, out)
     for name in report["meta"]["models"]:
         r = report[name]
@@ -252,7 +271,7 @@ def predict_command(
 ) -> None:
     """Predict the category of every product of a dump, in Kaggle's submission format."""
     tax = resolve_taxonomy(run, taxonomy)
-    models = build_models(
+    models, _ = build_models(
         run,
         tax,
         combine=combine,
