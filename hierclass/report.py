@@ -60,11 +60,14 @@ from hierclass.inference import (
     Predictions,
     predict_store,
 )
-from hierclass.metrics import N_BINS, abstention_depth, paired_comparison, summarize
+from hierclass.metrics import N_BINS, abstention_depth, branch_confusion, paired_comparison, summarize
 from hierclass.taxonomy import Taxonomy
 
 RESERVED = ("meta",)
 BASELINE = "flat"  # every other model gets a verdict against it
+MAX_CONFUSION_LEAVES = 60  # a confusion matrix of a larger branch is unreadable as a PNG
+MAX_CONFUSION_PLOTS = 12  # the most scored branches get one
+MIN_BRANCHES_FOR_SIZE_PLOT = 10  # accuracy against branch size says little with fewer points
 MAIN_METRICS = (
     ("leaf_top1", "leaf top-1"),
     ("leaf_top5", "leaf top-5"),
@@ -242,10 +245,35 @@ def model_report(
         "n_images": n_images,
         "n_products": product["n"],
         "ms_per_1000_images": 1e6 * images.seconds / max(len(images), 1),
+        "branch_confusion": branch_confusions(images, taxonomy),
         "product": product,
         "settings": dict(settings or {}),
     }
     return entry
+
+
+def branch_confusions(images: Predictions, taxonomy: Taxonomy) -> list[dict[str, Any]]:
+    """The confusion counts of the branches a matrix can show (2 to ``MAX_CONFUSION_LEAVES`` leaves, scored
+    images), the most scored first, at most ``MAX_CONFUSION_PLOTS``; sparse: ``cells`` are
+    ``[true local leaf, predicted local leaf (branch size: another branch), count]``."""
+    known = images.leaf >= 0
+    y, pred = images.leaf[known], images.pred[known]
+    n = np.bincount(taxonomy.leaf_level1[y], minlength=taxonomy.n_level1)
+    sizes = taxonomy.branch_sizes
+    shown = [b for b in np.argsort(-n, kind="stable") if n[b] and 2 <= sizes[b] <= MAX_CONFUSION_LEAVES]
+    out = []
+    for b in shown[:MAX_CONFUSION_PLOTS]:
+        m = branch_confusion(y, pred, taxonomy, int(b))
+        t, p = np.nonzero(m)
+        out.append(
+            {
+                "branch": int(b),
+                "name": taxonomy.level1_names[b],
+                "leaves": [taxonomy.leaf_path(int(leaf))[2] for leaf in taxonomy.branch_leaves(int(b))],
+                "cells": [[int(i), int(j), int(m[i, j])] for i, j in zip(t, p, strict=True)],
+            }
+        )
+    return out
 
 
 def models_of(report: Mapping[str, Any]) -> list[str]:
@@ -350,10 +378,7 @@ def markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         "",
         _metric_table(report, "image"),
         "",
-        "## Products",
-        "",
-        _metric_table(report, "product"),
-        "",
+        *_products_markdown(report),
         "## Per branch (images)",
         "",
         _per_branch_markdown(report),
@@ -363,6 +388,7 @@ def markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         out += [f"![per-branch leaf accuracy]({plots['per_branch']})", ""]
     if "branch_size" in plots:
         out += [f"![accuracy against branch size]({plots['branch_size']})", ""]
+    out += _confusion_markdown(report, plots)
     out += ["## Calibration", "", _table(["model", "ECE images", "ECE products"], [
         [n, report[n]["ece"], report[n]["product"]["ece"]] for n in names
     ]), ""]  # fmt: skip
@@ -372,6 +398,59 @@ def markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     if "coverage" in plots:
         out += [f"![accuracy against coverage]({plots['coverage']})", ""]
     return "\n".join(out)
+
+
+def one_image_per_product(report: Mapping[str, Any]) -> bool:
+    """Whether every scored product has exactly one image (product figures then repeat the image ones)."""
+    return all(report[n]["n_products"] == report[n]["n_images"] for n in models_of(report))
+
+
+def _products_markdown(report: Mapping[str, Any]) -> list[str]:
+    if one_image_per_product(report):
+        return ["## Products", "", "Every product has one image: the product figures are the image figures.", ""]
+    return ["## Products", "", _metric_table(report, "product"), ""]
+
+
+def featured_model(report: Mapping[str, Any]) -> str:
+    """The model whose errors the report details: the hierarchical one if scored, else the first."""
+    names = models_of(report)
+    return "hierarchical" if "hierarchical" in names else names[0]
+
+
+def _confusion_markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> list[str]:
+    names = models_of(report)
+    rows = []
+    for n in names:
+        for pair in report[n].get("confused_pairs", [])[:5]:
+            rows.append(
+                [
+                    n,
+                    pair["true_name"],
+                    pair["pred_name"],
+                    pair["count"],
+                    pair["share"],
+                    "yes" if pair["same_branch"] else "no",
+                ]
+            )
+    out = ["## Most confused leaf pairs (images)", ""]
+    if not rows:
+        return [*out, "No errors.", ""]
+    out += [
+        "The five most frequent errors of each model; *share* is of the true leaf's images.",
+        "",
+        _table(["model", "true leaf", "predicted leaf", "images", "share", "same branch"], rows),
+        "",
+    ]
+    confusion = [k for k in plots if k.startswith("confusion_")]
+    if confusion:
+        out += [
+            f"Confusion matrices of the {featured_model(report)} model per level-1 branch (rows: true leaf, "
+            "normalised; last column: predicted in another branch):",
+            "",
+            *(f"![confusion matrix]({plots[k]})" for k in confusion),
+            "",
+        ]
+    return out
 
 
 def _splits_markdown(meta: Mapping[str, Any]) -> list[str]:
@@ -475,16 +554,21 @@ def write_plots(report: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.12 * len(present) * len(names) + 2)), 4.5))
         width = 0.8 / len(names)
         x = np.arange(len(present))
+        every = [report[n]["per_branch"][i]["leaf_acc"] for n in names for i in present]
         for j, n in enumerate(names):
             acc = [report[n]["per_branch"][i]["leaf_acc"] for i in present]
             ax.bar(x + j * width - 0.4 + width / 2, acc, width, label=n)
-        ax.set_xticks(x, [rows0[i]["name"][:18] for i in present], rotation=75, fontsize=7)
+        labels = [f"{rows0[i]['name'][:18]} (n={rows0[i]['n']})" for i in present]
+        ax.set_xticks(x, labels, rotation=75, fontsize=7)
         ax.set_ylabel("leaf accuracy (images)")
-        ax.set_ylim(0, 1)
-        ax.set_title("Leaf accuracy per level-1 branch")
+        low, high = min(every), max(every)
+        pad = max(0.02, 0.1 * (high - low))  # zoomed on the bars: the differences are a few points
+        ax.set_ylim(max(0.0, low - pad), min(1.0, high + pad))
+        ax.set_title("Leaf accuracy per level-1 branch (zoomed axis; n = images)")
         ax.legend()
         save(fig, "per_branch")
 
+    if len(present) >= MIN_BRANCHES_FOR_SIZE_PLOT:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for n in names:
             sizes = [rows0[i]["n_leaves"] for i in present]
@@ -497,6 +581,32 @@ def write_plots(report: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
         ax.set_title("Accuracy against branch size")
         ax.legend()
         save(fig, "branch_size")
+
+    for block in report[featured_model(report)].get("branch_confusion", []):
+        size = len(block["leaves"])
+        m = np.zeros((size, size + 1))
+        for t, p, c in block["cells"]:
+            m[t, p] = c
+        counts = m.sum(axis=1, keepdims=True)
+        share = np.divide(m, counts, out=np.zeros_like(m), where=counts > 0)
+        side = min(12.0, 3.0 + 0.22 * size)
+        fig, ax = plt.subplots(figsize=(side + 1.0, side))
+        image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+        names_ = [leaf[:24] for leaf in block["leaves"]]
+        font = 7 if size <= 20 else 5
+        ax.set_xticks(np.arange(size + 1), [*names_, "(other branch)"], rotation=90, fontsize=font)
+        ax.set_yticks(
+            np.arange(size), [f"{n} ({int(c)})" for n, c in zip(names_, counts[:, 0], strict=True)], fontsize=font
+        )
+        ax.set_xlabel("predicted leaf")
+        ax.set_ylabel("true leaf (images)")
+        ax.set_title(f"{block['name'][:40]}: {featured_model(report)}, row-normalised")
+        fig.colorbar(image, ax=ax, fraction=0.04)
+        key = f"confusion_{block['branch']}"
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{key}.png", dpi=100)
+        plt.close(fig)
+        done[key] = f"{key}.png"
 
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
