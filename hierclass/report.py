@@ -469,12 +469,15 @@ def _splits_markdown(meta: Mapping[str, Any]) -> list[str]:
 
 def _verdict_markdown(report: Mapping[str, Any]) -> list[str]:
     images, products = verdict_lines(report, "image"), verdict_lines(report, "product")
+    if one_image_per_product(report):
+        products = []  # the same figures as the images'
     if not images:
         return []
     return [
         f"## Verdict against {BASELINE}",
         "",
-        "Leaf top-1 difference on the same images (then products), its paired-bootstrap 95% interval "
+        "Leaf top-1 difference on the same images (then products, when they have several images), its "
+        "paired-bootstrap 95% interval "
         "and McNemar's exact p. *better* / *worse* when the interval excludes 0.",
         "",
         *(f"- {line}" for line in images + products),
