@@ -105,8 +105,10 @@ def run_hierclass(train: Any, test: Any, tax: Any, work: Path) -> dict[str, Any]
         ("hierarchical", HierarchicalClassifier.from_run(work, tax)),
     ):
         images, _ = predict_store(clf, test)
-        out[f"{name}_pred"] = np.asarray(images.pred)
-        out["leaf"] = np.asarray(images.leaf)
+        order = np.argsort(images.ids, kind="stable")  # image rows: the order the peers predict in
+        assert np.array_equal(images.ids[order], np.arange(test.n_images)), "every test row is predicted"
+        out[f"{name}_pred"] = np.asarray(images.pred)[order]
+        out["leaf"] = np.asarray(images.leaf)[order]
     return out
 
 

@@ -372,6 +372,8 @@ def fit_lbfgs(
     x, t = fit.all(device)
     with torch.no_grad():
         x = model.norm(x)  # standardise once, not at every evaluation
+        order = torch.argsort(t, stable=True)  # grouped by class, so by branch: experts skip their regrouping
+        x, t = x[order], t[order]
     n = len(t)
     params = [p for p in model.parameters() if p.requires_grad]
     penalised = [p for p in params if p.ndim >= 2]

@@ -14,7 +14,6 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from hierclass.data import PREPROCESS, EvalTransform, ImageDataset, image_rows, open_source, resolve_transform
+from hierclass.defaults import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Engine
+from hierclass.errors import DumpError, TaxonomyError
 from hierclass.featurestore import BAD, OK, FeatureStore, FeatureStoreError
-from hierclass.models.backbone import LITE0_MODEL, create_backbone, data_config, source_fingerprint
+from hierclass.models.backbone import create_backbone, data_config, source_fingerprint
 from hierclass.onnx_runtime import OnnxBackbone, export_onnx, stamp_of
 from hierclass.taxonomy import Taxonomy
 
 ONNX_FILE = "backbone.onnx"
 LOCK_FILE = ".extract.lock"  # flock()ed by the one extract_features call writing the folder
-DEFAULT_BACKBONE = LITE0_MODEL
-DEFAULT_PRETRAINED = "efficientnet-lite0"
 SETTINGS = (  # what must be equal for a feature folder to be resumed (or reused as it is)
     "backbone",
     "pretrained",
@@ -46,13 +45,6 @@ SETTINGS = (  # what must be equal for a feature folder to be resumed (or reused
     "n_images",
     "taxonomy_fingerprint",
 )
-
-
-class Engine(str, Enum):
-    """What runs the backbone: ONNX Runtime (fast on CPU) or eager torch."""
-
-    onnx = "onnx"
-    torch = "torch"
 
 
 class FeatureExtractor:
@@ -155,6 +147,7 @@ def extract_features(
     hflip: bool = False,
     crop_pct: float | None = None,
     progress: bool = True,
+    strict: bool = False,
 ) -> FeatureStore:
     """Run the backbone once over every image of ``data`` and store the pooled features.
 
@@ -178,22 +171,38 @@ def extract_features(
         hflip: also store features of horizontally flipped images (view ``hflip``).
         crop_pct: the centre crop's kept fraction instead of the model's (stored in ``data_config``).
         progress: show a progress bar (with images/s) and the final bad-image line.
+        strict: refuse a source with any problem (damaged or skipped documents, missing files,
+            category_ids that are not leaves of the taxonomy) instead of reporting it.
 
     Returns:
         The complete store. ``store.meta["last_run"]`` tells what this call did: images
         written, bad images, seconds (of which setup: model, ONNX export), images/s over the
         extraction loop (decoding included), and whether it resumed or found the work done.
+        ``store.meta["source_problems"]`` lists, one line each, what of the source could not be
+        used: documents the index skipped or lost, missing files, unknown category_ids.
 
     Raises:
         FeatureStoreError: ``out`` holds features made with other settings, or another
             extraction is writing to it (one writer per folder: an exclusive lock on ``out/.extract.lock``).
+        TaxonomyError: more than half of the labelled images have a category_id that is not a
+            leaf of the taxonomy (the wrong taxonomy for this dump).
         HierclassError: a bad source, taxonomy or backbone, each with its fix.
     """
     start = time.perf_counter()
     out = Path(out)
     engine = Engine(engine)
     tax = taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy.from_csv(taxonomy)
-    source = data if hasattr(data, "read_images") else open_source(data, progress=progress)
+    source = (
+        data if hasattr(data, "read_images") else open_source(data, progress=progress, taxonomy=tax, strict=strict)
+    )
+    problems = list(getattr(source, "problems", list)())
+    if strict and problems:
+        raise DumpError(problems[0])
+    label_problem = check_labels(tax, source.category_ids, source.n_images, Path(source.path))
+    if label_problem:
+        if strict:
+            raise TaxonomyError(label_problem)
+        problems.append(label_problem)
     product_row, image_number = image_rows(source)
     product_row = np.asarray(product_row, dtype=np.int64)
     image_number = np.asarray(image_number, dtype=np.int64)
@@ -230,11 +239,12 @@ def extract_features(
                 )
             if store.meta.get("complete"):
                 store = FeatureStore.open(out, mode="r")  # nothing to write: hand it back read-only
+                store.meta["source_problems"] = problems
                 store.meta["last_run"] = _run_summary(0, 0, time.perf_counter() - start, 0.0, resumed=False, done=True)
                 return store
         else:
             leaf = tax.encode(np.asarray(source.category_ids, dtype=np.int64)[product_row], unknown=-1)
-            meta = {**settings, "taxonomy_source": tax.source, "n_products": len(source)}
+            meta = {**settings, "taxonomy_source": tax.source, "n_products": len(source), "source_problems": problems}
             store = FeatureStore.create(
                 out, dim=dim, product_id=product_id, image_number=image_number, leaf=leaf, meta=meta, views=views
             )
@@ -285,12 +295,50 @@ def extract_features(
         end = time.perf_counter()
         summary = _run_summary(written, bad, end - start, end - loop_start, resumed=resumed, done=False)
         store.mark_complete(last_run=summary)
+        store.meta["source_problems"] = problems
         n_bad = int(store.meta["n_bad"])
         if progress and n_bad:
             rows = np.flatnonzero(np.asarray(store.status) == BAD)[:3]
             examples = ", ".join(f"product {store.product_id[r]} image {store.image_number[r]}" for r in rows)
             tqdm.write(f"{n_bad} image(s) did not decode and were skipped (status BAD), e.g. {examples}")
         return store
+
+
+def check_labels(taxonomy: Taxonomy, category_ids: np.ndarray, n_images: np.ndarray, source: Path) -> str | None:
+    """A one-line warning naming the category_ids of ``source`` that are not leaves of ``taxonomy``.
+
+    Products without a label (category_id -1) are not counted; other negative ids are.
+
+    Args:
+        taxonomy: the taxonomy the features are labelled with.
+        category_ids: one per product.
+        n_images: images of each product.
+        source: the dump or catalogue (for the message).
+
+    Returns:
+        None when every labelled product's category_id is a leaf.
+
+    Raises:
+        TaxonomyError: more than half of the labelled images match no leaf.
+    """
+    ids = np.asarray(category_ids, dtype=np.int64)
+    weight = np.asarray(n_images, dtype=np.int64)
+    labelled = ids != -1
+    unknown = labelled & (taxonomy.encode(ids, unknown=-1) < 0)
+    if not unknown.any():
+        return None
+    n_unknown, n_labelled = int(weight[unknown].sum()), int(weight[labelled].sum())
+    names = np.unique(ids[unknown])
+    shown = ", ".join(str(int(c)) for c in names[:5]) + (", ..." if len(names) > 5 else "")
+    what = (
+        f"{source}: {n_unknown} of {n_labelled} labelled image(s) ({int(unknown.sum())} product(s)) have a "
+        f"category_id that is not a leaf of {taxonomy.source} ({len(names)} id(s): {shown})"
+    )
+    if 2 * n_unknown > n_labelled:
+        raise TaxonomyError(
+            f"{what}; is this the right taxonomy? pass the category_names.csv the dump was labelled with"
+        )
+    return f"{what}; they are kept as unlabelled (leaf -1)"
 
 
 # ---------------------------------------------------------------------- helpers

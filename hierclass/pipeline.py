@@ -132,7 +132,7 @@ def run_pipeline(
         stage(
             f"train {kind}",
             lambda kind=kind: train_head(
-                kind, stores["train"], stores["val"], tax, config.train_config(kind), run / kind
+                kind, stores["train"], stores["val"], tax, config.train_config(kind), run / kind, echo=log
             ),
         )
 

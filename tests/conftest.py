@@ -30,6 +30,15 @@ def cdiscount_sample_bson() -> Path:
 
 
 @pytest.fixture
+def jpeg_sample_bson() -> Path:
+    """Product JPEGs for the tests that compare decoding and resizing with Pillow and timm: the real
+    Cdiscount sample when ../shared/data has it, else the committed tiny dump made by
+    tests/fixtures/make_fixtures.py (synthetic images of several sizes and JPEG variants)."""
+    real = SHARED_DATA / "cdiscount" / "train_example.bson"
+    return real if real.is_file() else REPO / "tests" / "fixtures" / "jpeg_sample.bson"
+
+
+@pytest.fixture
 def fashion_dir() -> Path:
     return shared_file("fashion")
 

@@ -125,3 +125,78 @@ def test_loads_experts_saved_before_the_other_option(tmp_path: Path, tax: Taxono
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="corrupt checkpoint"):
         load_model(tmp_path / "ckpt", tax)
+
+
+def _save_killed_at(ckpt: Path, model: torch.nn.Module, meta: dict, event: int) -> bool:
+    """Save ``model`` in a child process killed (``os._exit``, no cleanup) at the ``event``-th step of the
+    save: before or after each write, fsync and rename. True when the save ran to its end first."""
+    import os
+
+    import hierclass.checkpoint as checkpoint
+
+    pid = os.fork()
+    if pid == 0:  # the child: count the steps, die at the chosen one
+        try:
+            steps = [0]
+
+            def step() -> None:
+                if steps[0] == event:
+                    os._exit(137)
+                steps[0] += 1
+
+            def wrap(func):  # noqa: ANN001, ANN202
+                def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                    step()
+                    result = func(*args, **kwargs)
+                    step()
+                    return result
+
+                return wrapper
+
+            os.replace, os.fsync = wrap(os.replace), wrap(os.fsync)
+            checkpoint.save_file = wrap(checkpoint.save_file)
+            checkpoint.write_json_atomic = wrap(checkpoint.write_json_atomic)
+            save_model(ckpt, model, meta)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    assert code in (0, 137), code
+    return code == 0
+
+
+def test_a_kill_at_any_step_of_a_save_leaves_a_whole_checkpoint(tmp_path: Path, tax: Taxonomy) -> None:
+    """Before: a kill between the weights' rename and meta.json's write left new weights beside the old
+    meta.json, and the checkpoint no longer loaded (sha256 differs)."""
+    torch.manual_seed(0)
+    old, new = FlatHead(6, tax.n_leaves, hidden=4), FlatHead(6, tax.n_leaves, hidden=4)
+    states = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in (("old", old), ("new", new))}
+    finished, event, seen = False, 0, set()
+    while not finished:
+        ckpt = tmp_path / f"ckpt{event}"
+        save_model(ckpt, old, {**meta_for("flat", tax), "tag": "old"})
+        finished = _save_killed_at(ckpt, new, {**meta_for("flat", tax), "tag": "new"}, event)
+        model, meta = load_model(ckpt, tax)
+        got = model.state_dict()
+        assert meta["tag"] in ("old", "new")
+        assert all(torch.equal(got[k], v) for k, v in states[meta["tag"]].items()), event
+        seen.add(meta["tag"])
+        event += 1
+    assert seen == {"old", "new"} and meta["tag"] == "new" and event > 6
+
+
+def test_stale_meta_json_and_a_partial_weights_file(tmp_path: Path, tax: Taxonomy) -> None:
+    """New weights beside an old meta.json load as the new checkpoint; a half-copied weights file does not."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    save_model(a, FlatHead(6, tax.n_leaves), {**meta_for("flat", tax), "tag": "a"})
+    save_model(b, FlatHead(6, tax.n_leaves), {**meta_for("flat", tax), "tag": "b"})
+    (a / "meta.json").write_bytes((b / "meta.json").read_bytes())
+    assert load_model(a, tax)[1]["tag"] == "a"
+    (a / "meta.json").unlink()
+    assert load_model(a, tax)[1]["tag"] == "a"
+    (a / "meta.json").write_bytes((b / "meta.json").read_bytes())
+    data = (b / "model.safetensors").read_bytes()
+    (a / "model.safetensors").write_bytes(data[: len(data) - 16])
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_model(a, tax)

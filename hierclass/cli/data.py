@@ -1,17 +1,14 @@
-"""``hierclass index`` and ``hierclass import``: index a dump, turn image files into a dump."""
+"""``hierclass index``, ``import`` and ``split``: index a dump, turn image files into a dump, split a dump."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 
-from hierclass.cli.app import command
-from hierclass.data import BsonDump, import_catalogue, open_source
+from hierclass.cli.app import Progress, command, fail
 from hierclass.errors import DumpError
-from hierclass.taxonomy import Taxonomy
 
 
 @command(name="index")
@@ -22,9 +19,14 @@ def index_command(
     ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Keep the index file here instead of beside the dump.")] = None,
     strict: Annotated[bool, typer.Option(help="Fail on the first problem instead of skipping and reporting.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: Progress = True,
 ) -> None:
     """Build (or reuse) the offset index of a dump and print what it holds."""
+    import numpy as np
+
+    from hierclass.data import BsonDump, open_source
+    from hierclass.taxonomy import Taxonomy
+
     tax = Taxonomy.from_csv(taxonomy) if taxonomy is not None else None
     if dump.suffix.lower() != ".bson":
         raise DumpError(f"{dump}: not a .bson dump; `hierclass import` turns image files into one")
@@ -67,14 +69,30 @@ def index_command(
 
 @command(name="import")
 def import_command(
-    src: Annotated[Path, typer.Argument(help="A CSV (path,category_id[,product_id]) or a folder per category_id.")],
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="A CSV (path,category_id[,product_id or SKU]) or a folder per category (category_id or level-3 name)."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="The .bson dump to write.")],
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    taxonomy: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="A category_names.csv: lets folders be named by category name."),
+    ] = None,
+    progress: Progress = True,
 ) -> None:
-    """Write image files as a Cdiscount-format BSON dump (JPEGs copied, other formats re-encoded)."""
+    """Write image files as a Cdiscount-format BSON dump (JPEGs copied, other formats re-encoded).
+
+    SKU product ids are kept in each document's ``sku`` field; the ``_id``s are then the product rows.
+    """
+    from hierclass.data import import_catalogue, open_source
+    from hierclass.taxonomy import Taxonomy
+
     if out.suffix.lower() != ".bson":
         raise DumpError(f"{out}: the output must be a .bson file; name it e.g. {out.with_suffix('.bson').name}")
-    source = open_source(src, progress=progress)
+    tax = Taxonomy.from_csv(taxonomy) if taxonomy is not None else None
+    source = open_source(src, progress=progress, taxonomy=tax)
     for line in getattr(source, "problems", list)():
         typer.echo(f"warning: {line}", err=True)
     counts = import_catalogue(source, out, progress=progress)
@@ -85,3 +103,26 @@ def import_command(
             err=True,
         )
     typer.echo(f"wrote {out}: {counts['products']:,} products, {counts['images']:,} images")
+
+
+@command(name="split")
+def split_command(
+    dump: Annotated[Path, typer.Argument(help="A labelled Cdiscount-format .bson dump.")],
+    out: Annotated[Path, typer.Option("--out", help="The folder for train.bson and val.bson.")],
+    val_fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of each leaf's products sent to val.bson, in [0, 1).")
+    ] = 0.15,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same split).")] = 0,
+    cache_dir: Annotated[Path | None, typer.Option(help="Keep the index file here instead of beside the dump.")] = None,
+    progress: Progress = True,
+) -> None:
+    """Split a dump into OUT/train.bson and OUT/val.bson, stratified by leaf; a product is never in both."""
+    from hierclass.data import split_dump
+
+    if val_fraction >= 1.0:
+        raise fail(f"--val-fraction {val_fraction:g} keeps no products for training; give a value in [0, 1)")
+    counts = split_dump(dump, out, val_fraction, seed, cache_dir=cache_dir, progress=progress)
+    for name in ("train", "val"):
+        typer.echo(
+            f"{name:<6} {out / (name + '.bson')}: {counts[name]:,} products, {counts[name + '_images']:,} images"
+        )

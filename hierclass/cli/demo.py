@@ -5,14 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 
-from hierclass.cli.app import command
-from hierclass.data import open_source, products_of, split_products, write_dump
-from hierclass.data.synthetic import make_synthetic_catalogue
-from hierclass.features import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
-from hierclass.pipeline import PipelineConfig, format_table, run_pipeline, summary_rows
+from hierclass.cli.app import Progress, command, fail, progress_bars
+from hierclass.defaults import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 
 SYNTHETIC_BANNER = (
     "SYNTHETIC DATA: these figures come from generated images of a made-up taxonomy. "
@@ -39,12 +35,16 @@ def find_fashion(roots: list[Path]) -> Path | None:
     return None
 
 
-def fashion_subset(src: Path, out: Path, share: float) -> Path:
+def fashion_subset(src: Path, out: Path, share: float, progress: bool = True) -> Path:
     """A stratified share of a dump's products, written once as a dump of its own (the dump itself if share is 1)."""
     if share >= 1.0:
         return src
     if not out.exists():
-        source = open_source(src, cache_dir=out.parent / "index")
+        import numpy as np
+
+        from hierclass.data import open_source, products_of, split_products, write_dump
+
+        source = open_source(src, cache_dir=out.parent / "index", progress=progress)
         _, rows = split_products(source.category_ids, val_fraction=share, seed=0)
         write_dump(out, products_of(source, np.sort(rows)))
     return out
@@ -82,10 +82,14 @@ def demo(
     fashion_share: Annotated[
         float, typer.Option(min=0.01, max=1.0, help="Share of the Fashion products used (stratified by leaf).")
     ] = 0.25,
+    progress: Progress = True,
 ) -> None:
     """Run features -> router + experts + flat -> report on real Fashion data or a synthetic catalogue."""
+    from hierclass.data.synthetic import make_synthetic_catalogue
+    from hierclass.pipeline import PipelineConfig, format_table, run_pipeline, summary_rows
+
     if (train is None) != (val is None) or (train is None) != (taxonomy is None):
-        raise typer.BadParameter("give --train, --val and --taxonomy together, or none of them")
+        raise fail("give --train, --val and --taxonomy together, or none of them (for the embedded default)")
     label, work = "your data", out / "run"
     if train is None:
         roots = [data_root] if data_root is not None else data_roots()
@@ -101,8 +105,8 @@ def demo(
             if fashion_share < 1.0:
                 label += f" (a stratified {fashion_share:.0%} of its products, to run in minutes)"
             work = out / f"fashion-{fashion_share:g}"  # one work folder per share: features are per dump
-            train = fashion_subset(fashion / "train.bson", work / "data" / "train.bson", fashion_share)
-            val = fashion_subset(fashion / "val.bson", work / "data" / "val.bson", fashion_share)
+            train = fashion_subset(fashion / "train.bson", work / "data" / "train.bson", fashion_share, progress)
+            val = fashion_subset(fashion / "val.bson", work / "data" / "val.bson", fashion_share, progress)
         else:
             cat = make_synthetic_catalogue(out / "synthetic-data", n_train=n_train, n_val=n_val)
             train, val, taxonomy, label = cat.train, cat.val, cat.taxonomy, "synthetic"
@@ -112,14 +116,8 @@ def demo(
         typer.echo(SYNTHETIC_BANNER)
     config = PipelineConfig(backbone=backbone, pretrained=pretrained, image_size=image_size, engine=engine)
     config.train.epochs = epochs
-    result = run_pipeline(
-        train,
-        val,
-        taxonomy,
-        work,
-        config,
-        report_meta={"data": label},
-    )
+    with progress_bars(progress):
+        result = run_pipeline(train, val, taxonomy, work, config, report_meta={"data": label})
     typer.echo("")
     typer.echo(f"validation results ({label}; image level except the last column):")
     typer.echo(format_table(summary_rows(result.report)))

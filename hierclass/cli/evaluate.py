@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
 import typer
 
-from hierclass.checkpoint import read_meta
-from hierclass.cli.app import command, fail
-from hierclass.featurestore import FeatureStore
-from hierclass.inference import Classifier, FusedClassifier, predict_store
-from hierclass.report import (
-    calibrate,
-    check_store,
-    evaluate,
-    features_meta,
-    fill_missing_products,
-    load_run,
-    write_predictions,
-    write_report,
-)
-from hierclass.taxonomy import Taxonomy
+from hierclass.cli.app import Progress, command, fail
+
+if TYPE_CHECKING:  # the commands import these when they run: --help stays fast
+    from hierclass.featurestore import FeatureStore
+    from hierclass.inference import Classifier
+    from hierclass.taxonomy import Taxonomy
 
 
 class Combine(str, Enum):
@@ -91,10 +82,12 @@ BatchOpt = Annotated[int, typer.Option(min=1, help="Images per forward pass of t
 
 def resolve_taxonomy(run: Path, taxonomy: Path | None) -> Taxonomy:
     """The ``--taxonomy`` given, else the run's copy, else the file its checkpoints recorded (if still there)."""
+    from hierclass.checkpoint import read_meta
+    from hierclass.run import Run
+    from hierclass.taxonomy import Taxonomy
+
     if taxonomy is not None:
         return Taxonomy.from_csv(taxonomy)
-    from hierclass.run import Run
-
     copy = Run(run).taxonomy()
     if copy is not None:
         return copy
@@ -125,6 +118,10 @@ def build_models(
     Returns:
         The models and what they were calibrated on (:func:`hierclass.report.calibration_record`; None: not).
     """
+    from hierclass.featurestore import FeatureStore
+    from hierclass.inference import FusedClassifier
+    from hierclass.report import calibrate, load_run
+
     models = load_run(run, tax, combine=combine.value, k=k, batch_size=batch_size)
     auto = fused_alpha is not None and fused_alpha.strip().lower() == "auto"
     if fused_alpha is not None:
@@ -155,23 +152,48 @@ def build_models(
     return models, record
 
 
+def features_cache_dir(run: Path, data: Path, hflip: bool = False) -> Path:
+    """Where the features of ``--data`` are cached: ``RUN/features/<name>-<key>[-hflip]``.
+
+    The key hashes the source's resolved path, size and modification time (and those of a
+    folder's category folders), so two sources of the same name never share a cache, and a
+    source that changed gets a fresh one. Features with flipped views (``--tta``) have a
+    cache of their own. ``evaluate`` and ``predict`` both cache here.
+    """
+    path = data.resolve()
+    parts = [str(path)]
+    stats = [path, *sorted(p for p in path.iterdir() if p.is_dir())] if path.is_dir() else [path]
+    for p in stats:
+        st = p.stat()
+        parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+    return run / "features" / f"{data.name}-{key}{'-hflip' if hflip else ''}"
+
+
 def open_features(
     run: Path,
     models: dict[str, Classifier],
     taxonomy: Taxonomy,
     features: Path | None,
     data: Path | None,
-    cache: Path,
+    cache: Path | None,
     tta: bool,
+    progress: bool = True,
+    strict: bool = False,
 ) -> FeatureStore:
-    """The feature store to score: ``--features``, or features of ``--data`` extracted (and cached) with
-    the backbone and preprocessing the run's heads were trained on."""
+    """The feature store to score: ``--features``, or features of ``--data`` extracted (and cached in
+    ``cache``) with the backbone and preprocessing the run's heads were trained on."""
+    from hierclass.featurestore import FeatureStore
+    from hierclass.report import check_store, features_meta
+
     if (features is None) == (data is None):
         raise fail("pass exactly one of --features (a feature folder) or --data (a dump to extract features from)")
     if features is not None:
         store = FeatureStore.open(features)
     else:
         from hierclass.features import extract_features
+
+        assert cache is not None
 
         trained = features_meta(models)
         if not trained.get("backbone"):
@@ -187,7 +209,11 @@ def open_features(
             engine=trained.get("engine", "onnx"),
             image_size=int(size[-1]) if size else None,
             hflip=tta,
+            progress=progress,
+            strict=strict,
         )
+    for line in store.meta.get("source_problems", []):
+        typer.echo(f"warning: {line}", err=True)
     check_store(store, models, run)
     return store
 
@@ -207,8 +233,14 @@ def evaluate_command(
     fused_alpha: AlphaOpt = None,
     calibrate_dir: CalibrateOpt = None,
     batch_size: BatchOpt = 4096,
+    progress: Progress = True,
 ) -> None:
-    """Score the run's flat and hierarchical models on the same labelled images and products."""
+    """Score the run's flat and hierarchical models on the same labelled images and products.
+
+    Features of ``--data`` are extracted once into ``RUN/features`` and reused when run again.
+    """
+    from hierclass.report import evaluate, write_report
+
     tax = resolve_taxonomy(run, taxonomy)
     models, calibration = build_models(
         run,
@@ -219,7 +251,8 @@ def evaluate_command(
         fused_alpha=fused_alpha,
         calibrate_dir=calibrate_dir,
     )
-    store = open_features(run, models, tax, features, data, out / "features", tta)
+    cache = features_cache_dir(run, data, tta) if data is not None else None
+    store = open_features(run, models, tax, features, data, cache, tta, progress)
     report = evaluate(
         models,
         store,
@@ -265,11 +298,24 @@ def predict_command(
     ] = "0.5",
     calibrate_dir: CalibrateOpt = None,
     features_cache: Annotated[
-        Path | None, typer.Option(help="Where --data's features are cached; default RUN/features/<data name>.")
+        Path | None,
+        typer.Option(help="Where --data's features are cached; default RUN/features/<data name>-<content key>."),
     ] = None,
     batch_size: BatchOpt = 4096,
+    progress: Progress = True,
+    strict: Annotated[
+        bool, typer.Option(help="Fail on any problem of the dump instead of predicting what can be read.")
+    ] = False,
 ) -> None:
-    """Predict the category of every product of a dump, in Kaggle's submission format."""
+    """Predict the category of every product of a dump, in Kaggle's submission format.
+
+    A source whose products carry SKUs (see ``hierclass import``) adds a ``sku`` column.
+    """
+    import numpy as np
+
+    from hierclass.inference import predict_store
+    from hierclass.report import fill_missing_products
+
     tax = resolve_taxonomy(run, taxonomy)
     models, _ = build_models(
         run,
@@ -283,16 +329,53 @@ def predict_command(
     if model.value not in models:
         raise fail(f"{run}: has no {model.value} model; train it, or pass --model {' or '.join(models)}")
     clf = models[model.value]
-    cache = features_cache or run / "features" / (data.name if data is not None else "features")
-    store = open_features(run, {model.value: clf}, tax, features, data, cache, tta)
+    cache = features_cache or (features_cache_dir(run, data, tta) if data is not None else None)
+    store = open_features(run, {model.value: clf}, tax, features, data, cache, tta, progress, strict=strict)
     _, products = predict_store(clf, store, how=aggregate.value, tta=tta, k=max(topk, 1))
+    skus = None
     if data is not None:
-        from hierclass.data import open_source
+        from hierclass.data import open_source, source_skus
 
-        product_ids = open_source(data, progress=False).product_ids
+        source = open_source(data, progress=False)
+        product_ids, skus = source.product_ids, source_skus(source)
+        report = getattr(source, "report", None)
+        if report is not None and not report.ok:
+            lost = f" and the products in {report.unindexed_bytes} damaged byte(s)" if report.unindexed_bytes else ""
+            typer.echo(
+                f"warning: {data}: {report.n_no_images + report.n_malformed} document(s){lost} of the dump could not "
+                f"be read and have no row in {out} (see the warnings above)",
+                err=True,
+            )
     else:
         product_ids = np.unique(store.product_id)
     products, missing = fill_missing_products(products, product_ids)
-    write_predictions(out, products, tax, topk=topk, abstain_threshold=abstain_threshold)
+    sku_of = None if skus is None else dict(zip(product_ids.tolist(), skus, strict=True))
+    write_submission(out, products, tax, topk, abstain_threshold, sku_of)
     note = f" ({missing} without a usable image got the most predicted leaf)" if missing else ""
     typer.echo(f"wrote {len(products)} products to {out} with the {model.value} model{note}")
+
+
+def write_submission(
+    out: Path,
+    products,
+    tax: Taxonomy,
+    topk: int,
+    abstain_threshold: float | None,
+    skus: dict[int, str] | None,
+) -> None:
+    """The prediction CSV; with ``skus`` (product id -> SKU) a last ``sku`` column, empty where a product has none."""
+    from hierclass.report import write_predictions
+
+    if skus is None:
+        write_predictions(out, products, tax, topk=topk, abstain_threshold=abstain_threshold)
+        return
+    import csv
+
+    from hierclass.atomic import atomic_open
+    from hierclass.report import submission_rows
+
+    header, rows = submission_rows(products, tax, topk=topk, abstain_threshold=abstain_threshold)
+    with atomic_open(out, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow([*header, "sku"])
+        writer.writerows([*row, skus.get(int(row[0])) or ""] for row in rows)

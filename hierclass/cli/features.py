@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from hierclass.cli.app import command
-from hierclass.features import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Engine, extract_features
+from hierclass.cli.app import Progress, command
+from hierclass.defaults import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Engine
 
 
 @command(name="extract-features")
@@ -31,8 +31,14 @@ def extract_features_command(
     hflip: Annotated[
         bool, typer.Option(help="Also store features of flipped images (test-time augmentation).")
     ] = False,
+    progress: Progress = True,
+    strict: Annotated[
+        bool, typer.Option(help="Fail on any problem of the source instead of skipping and reporting it.")
+    ] = False,
 ) -> None:
     """Extract pooled backbone features of every image, resumably, into a feature folder."""
+    from hierclass.features import extract_features
+
     store = extract_features(
         data,
         taxonomy,
@@ -44,7 +50,11 @@ def extract_features_command(
         batch_size=batch_size,
         workers=workers,
         hflip=hflip,
+        progress=progress,
+        strict=strict,
     )
+    for line in store.meta.get("source_problems", []):
+        typer.echo(f"warning: {line}", err=True)
     run = store.meta.get("last_run", {})
     size = store.meta["data_config"]["input_size"][-1]
     typer.echo(f"features     {out}  ({store.meta['backbone']}, {store.meta['pretrained']}, {size} px)")

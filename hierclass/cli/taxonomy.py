@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from hierclass.cli.app import app, command
-from hierclass.taxonomy import Taxonomy
 
 taxonomy_app = typer.Typer(help="Inspect a taxonomy file (category_names.csv).", no_args_is_help=True)
 app.add_typer(taxonomy_app, name="taxonomy")
@@ -19,6 +18,8 @@ TaxonomyPath = Annotated[Path, typer.Argument(help="A category_names.csv file.")
 @command(taxonomy_app, name="stats")
 def taxonomy_stats(csv: TaxonomyPath) -> None:
     """Print the counts per level and the leaves per branch."""
+    from hierclass.taxonomy import Taxonomy
+
     tax = Taxonomy.from_csv(csv)
     s = tax.stats()
     typer.echo(f"taxonomy     {csv}")
@@ -38,6 +39,8 @@ def taxonomy_show(
     branch: Annotated[str | None, typer.Option(help="Show only this level-1 branch.")] = None,
 ) -> None:
     """Print the tree: branches, level-2 nodes and leaves with their category_id."""
+    from hierclass.taxonomy import Taxonomy
+
     tax = Taxonomy.from_csv(csv)
     branches = [tax.branch_index(branch)] if branch is not None else range(tax.n_level1)
     for b in branches:

