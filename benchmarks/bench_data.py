@@ -15,7 +15,7 @@
     engine's path), the previous path (one Pillow resize per image), timm's per-image float
     transform and the dataset without resize.
     With --processes N, (b) alone also runs in N fresh processes, one after the other (bare decode
-    and dataset in turn in each), and the ratio is given per process: on the second VM the bare
+    and dataset in turn in each), and the ratio is given per process: on machine B (benchmarks/README.md) the bare
     Pillow loop's speed moved by 2x from one process to the next with the address-space layout
     (steady under ``setarch -R``), the dataset's much less;
 (c) the same through a DataLoader with 2 persistent worker processes (started and warmed up
@@ -167,7 +167,7 @@ def b_one_process(source_path: Path, work: Path, n_images: int, image_size: int,
 
 def b_in_fresh_processes(args: argparse.Namespace, image_set: str, n_processes: int) -> list[dict]:
     """(b) in ``n_processes`` fresh processes in turn: where a process's code and buffers land in memory
-    (address-space randomisation) moved the bare Pillow loop's speed by 2x on the second VM."""
+    (address-space randomisation) moved the bare Pillow loop's speed by 2x on machine B (benchmarks/README.md)."""
     command = [sys.executable, __file__, "--parts", "b-one", "--image-sets", image_set, "--data", str(args.data)]
     command += ["--work", str(args.work), "--images", str(args.images), "--image-size", str(args.image_size)]
     command += ["--batch", str(args.batch), "--repeat", str(args.repeat)]

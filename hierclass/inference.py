@@ -166,7 +166,7 @@ def _check_kind(meta: dict, expected: str, path: Path) -> None:
 
 
 def _load_head(run_dir: str | Path, kind: str, taxonomy: Taxonomy) -> tuple[nn.Module, dict]:
-    from hierclass.checkpoint import load_model  # written by the training issue; imported when used
+    from hierclass.checkpoint import load_model  # imported when used
 
     path = Path(run_dir) / kind
     module, meta = load_model(path, taxonomy)

@@ -206,6 +206,51 @@ def per_branch_table(
     return rows
 
 
+def confused_pairs(y_true: np.ndarray, y_pred: np.ndarray, taxonomy: Taxonomy, top: int = 10) -> list[dict[str, Any]]:
+    """The ``top`` most frequent (true leaf, predicted leaf) errors, most frequent first.
+
+    Each row: ``true`` and ``pred`` (leaf indices), their ``true_name`` / ``pred_name``
+    (``level1 > level2 > leaf``), ``count``, ``share`` (of the true leaf's samples) and
+    ``same_branch`` (whether both leaves are in one level-1 branch). Ties: by true, then predicted leaf.
+    """
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    wrong = y_true != y_pred
+    n = taxonomy.n_leaves
+    pairs, counts = np.unique(y_true[wrong] * n + y_pred[wrong], return_counts=True)
+    order = np.lexsort((pairs, -counts))[:top]
+    per_true = np.bincount(y_true, minlength=n)
+    rows = []
+    for k in order:
+        t, p = divmod(int(pairs[k]), n)
+        rows.append(
+            {
+                "true": t,
+                "pred": p,
+                "true_name": " > ".join(taxonomy.leaf_path(t)),
+                "pred_name": " > ".join(taxonomy.leaf_path(p)),
+                "count": int(counts[k]),
+                "share": float(counts[k] / per_true[t]),
+                "same_branch": bool(taxonomy.leaf_level1[t] == taxonomy.leaf_level1[p]),
+            }
+        )
+    return rows
+
+
+def branch_confusion(y_true: np.ndarray, y_pred: np.ndarray, taxonomy: Taxonomy, branch: int) -> np.ndarray:
+    """The confusion counts of one level-1 branch's samples (by true leaf).
+
+    Returns:
+        ``[size, size + 1]`` int64: rows the branch's true leaves (local order), columns the
+        predicted leaf of the branch, and a last column for predictions in another branch.
+    """
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    size = int(taxonomy.branch_sizes[branch])
+    sel = taxonomy.leaf_level1[y_true] == branch
+    t, p = taxonomy.leaf_local[y_true[sel]], y_pred[sel]
+    col = np.where(taxonomy.leaf_level1[p] == branch, taxonomy.leaf_local[p], size)
+    return np.bincount(t * (size + 1) + col, minlength=size * (size + 1)).reshape(size, size + 1)
+
+
 def summarize(
     preds: Predictions, taxonomy: Taxonomy, n_bins: int = N_BINS, abstain_threshold: float | None = None
 ) -> dict[str, Any]:
@@ -215,7 +260,8 @@ def summarize(
     ``leaf_top5``, ``level1_acc``, ``level2_acc``, ``macro_f1``, ``hierarchical_precision``,
     ``hierarchical_recall``, ``hierarchical_f1``, ``mistake_severity``, ``ece``; and
     ``router_acc`` / ``oracle_leaf_top1`` when ``preds.extra`` has ``router`` / ``oracle``;
-    ``reliability`` (bins), ``per_branch`` (table), ``abstention`` (coverage table; with
+    ``reliability`` (bins), ``per_branch`` (table), ``confused_pairs`` (the most frequent
+    errors, :func:`confused_pairs`), ``abstention`` (coverage table; with
     ``abstain_threshold`` also ``abstain`` at that threshold).
     """
     known = preds.leaf >= 0
@@ -242,6 +288,7 @@ def summarize(
     out["reliability"] = reliability(preds.confidence[known], correct, n_bins)
     router = preds.extra["router"][known] if "router" in preds.extra else None
     out["per_branch"] = per_branch_table(y, pred, taxonomy, router)
+    out["confused_pairs"] = confused_pairs(y, pred, taxonomy)
     thresholds = sorted({*ABSTAIN_THRESHOLDS, *([abstain_threshold] if abstain_threshold is not None else [])})
     out["abstention"] = coverage_table(preds, taxonomy, thresholds)
     if abstain_threshold is not None:

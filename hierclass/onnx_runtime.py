@@ -1,7 +1,7 @@
 """Run a frozen backbone with ONNX Runtime on the CPU: export once, check, reuse.
 
 On CPU, ONNX Runtime runs timm's EfficientNet-Lite0 ~3x faster than eager torch (see
-``/work/shared/notes/pretrained-weights.md`` and ``benchmarks/bench_features.py``), so
+``benchmarks/bench_features.py``), so
 feature extraction exports the backbone once to a ``.onnx`` file (dynamic batch axis) and
 keeps it next to the features. The file records what it was made from in its metadata, so
 a stale export is never reused for other weights or another input size.

@@ -27,7 +27,7 @@ from hierclass.errors import HierclassError
 from hierclass.features import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, extract_features
 from hierclass.featurestore import FeatureStore, write_json_atomic
 from hierclass.inference import FlatClassifier, FusedClassifier, HierarchicalClassifier
-from hierclass.report import calibrate, evaluate, write_report
+from hierclass.report import calibrate, calibration_record, evaluate, training_holdout, write_report
 from hierclass.run import Run
 from hierclass.taxonomy import Taxonomy
 
@@ -141,13 +141,22 @@ def run_pipeline(
             "flat": FlatClassifier.from_run(run, tax),
             "hierarchical": HierarchicalClassifier.from_run(run, tax, combine=config.combine),
         }
+        calibration = None
         if config.fuse:
             hier = HierarchicalClassifier.from_run(run, tax, combine=config.combine)
             models["hierarchical_calibrated"] = hier
             models["fused"] = FusedClassifier(FlatClassifier.from_run(run, tax), hier)
-            calibrate({k: models[k] for k in ("hierarchical_calibrated", "fused")}, stores["val"])
+            calibrated = {k: models[k] for k in ("hierarchical_calibrated", "fused")}
+            # on the images the heads held out of training: neither fitted on nor scored
+            held = training_holdout(stores["train"], calibrated)
+            store = stores["train"] if held is not None else stores["val"]
+            calibrate(calibrated, store, rows=held)
+            calibration = calibration_record(store, held)
         meta = {"pipeline": pipeline_meta(config, run), **(report_meta or {})}
-        return evaluate(models, stores["val"], tta=config.tta, meta=meta)
+        report = evaluate(models, stores["val"], tta=config.tta, meta=meta, calibration=calibration)
+        for warning in report["meta"]["warnings"]:
+            log(f"WARNING: {warning}")
+        return report
 
     report = stage("evaluate", score)
     report["meta"]["timings_s"] = timings
@@ -180,7 +189,6 @@ def pipeline_meta(config: PipelineConfig, run: Path) -> dict[str, Any]:
         "tta": config.tta,
         "train": {kind: asdict(config.train_config(kind)) for kind in KINDS},
         "heads": {kind: read_meta(run / kind).get("head") for kind in KINDS},
-        "note": "fused / calibrated variants: temperatures and fusion weight fitted on the same validation set",
     }
 
 

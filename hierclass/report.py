@@ -9,7 +9,9 @@ metric that cannot be computed, e.g. mistake severity with no mistakes, is ``nul
 
     {
       "meta": {"models": ["flat", "hierarchical", ...], "features": ..., "aggregation": "mean",
-               "tta": false, "abstain_threshold": null, "taxonomy": {...}, "n_bins": 15, ...},
+               "tta": false, "abstain_threshold": null, "taxonomy": {...}, "n_bins": 15,
+               "splits": {"early_stopping", "calibration", "scored"}: which images chose what,
+               "warnings": [...] (e.g. calibrated on the scored images), ...},
       "flat": {
         # image-level figures, at the top so they are read first
         "leaf_top1", "leaf_top5", "level1_acc", "level2_acc", "macro_f1",
@@ -23,6 +25,8 @@ metric that cannot be computed, e.g. mistake severity with no mistakes, is ``nul
                     aggregated), with "n" the number of labelled products},
         "settings": {how this model was run: combine, k, temperatures, alpha, ...}
       },
+      # every model but flat, when flat is scored: "vs_flat" (also in "product") =
+      #   {"diff", "ci_low", "ci_high" (paired bootstrap 95%), "mcnemar_p", "wins", "losses", "n", "verdict"}
       "hierarchical": {... the same, plus "router_acc" and "oracle_leaf_top1" (experts
                        given the true branch), in the image and product dicts, and
                        "router_acc" in each per-branch row},
@@ -44,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from hierclass.atomic import atomic_open
+from hierclass.data.splits import holdout_mask
 from hierclass.errors import CheckpointError
 from hierclass.featurestore import FeatureStore, FeatureStoreError, write_json_atomic
 from hierclass.inference import (
@@ -55,11 +60,14 @@ from hierclass.inference import (
     Predictions,
     predict_store,
 )
-from hierclass.metrics import N_BINS, abstention_depth, paired_comparison, summarize
+from hierclass.metrics import N_BINS, abstention_depth, branch_confusion, paired_comparison, summarize
 from hierclass.taxonomy import Taxonomy
 
 RESERVED = ("meta",)
 BASELINE = "flat"  # every other model gets a verdict against it
+MAX_CONFUSION_LEAVES = 60  # a confusion matrix of a larger branch is unreadable as a PNG
+MAX_CONFUSION_PLOTS = 12  # the most scored branches get one
+MIN_BRANCHES_FOR_SIZE_PLOT = 10  # accuracy against branch size says little with fewer points
 MAIN_METRICS = (
     ("leaf_top1", "leaf top-1"),
     ("leaf_top5", "leaf top-5"),
@@ -111,6 +119,7 @@ def evaluate(
     abstain_threshold: float | None = None,
     chunk_images: int = 8192,
     meta: Mapping[str, Any] | None = None,
+    calibration: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score classifiers on the labelled images of a feature store, and on its products.
 
@@ -122,6 +131,10 @@ def evaluate(
         abstain_threshold: also report accuracy and coverage at this confidence threshold.
         chunk_images: images per inference chunk (memory bound).
         meta: extra fields for ``report["meta"]``.
+        calibration: where the temperatures and fusion weights were fitted, if they were:
+            ``{"store": path, "rows": "holdout" or "all", "n_images": count}`` (see
+            :func:`calibration_record`). Recorded in ``meta.splits``; fitting them on the scored
+            images themselves adds a warning to ``meta.warnings``.
 
     Returns:
         The report (the ``report.json`` layout in this module's docstring).
@@ -151,6 +164,8 @@ def evaluate(
             "n_bins": N_BINS,
             "taxonomy": {"source": taxonomy.source, "fingerprint": taxonomy.fingerprint, **taxonomy.stats()},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "splits": splits_record(classifiers, store, calibration),
+            "warnings": calibration_warnings(store, calibration),
             **dict(meta or {}),
         }
     }
@@ -168,6 +183,44 @@ def evaluate(
                 report[name]["vs_flat"] = paired_comparison(correct[name][0], base_images)
                 report[name]["product"]["vs_flat"] = paired_comparison(correct[name][1], base_products)
     return report
+
+
+def calibration_record(store: FeatureStore, rows: np.ndarray | None = None) -> dict[str, Any]:
+    """What :func:`evaluate` records of a calibration done by :func:`calibrate` on ``store`` with ``rows``."""
+    use = store.valid & (store.leaf >= 0)
+    if rows is not None:
+        use &= np.asarray(rows, dtype=bool)
+    return {"store": str(store.root), "rows": "all" if rows is None else "holdout", "n_images": int(use.sum())}
+
+
+def splits_record(
+    classifiers: Mapping[str, Classifier], store: FeatureStore, calibration: Mapping[str, Any] | None
+) -> dict[str, str]:
+    """Which images chose what: the heads' settings, the temperatures and fusion weights, the scores."""
+    if calibration is None:
+        calibrated = "not fitted (temperatures 1, fusion weight as given)"
+    elif calibration["rows"] == "holdout":
+        calibrated = f"the {calibration['n_images']} held-out images of the training set {calibration['store']}"
+    else:
+        calibrated = f"all {calibration['n_images']} labelled images of {calibration['store']}"
+    return {
+        "early_stopping": early_stopping_source(classifiers) or "not recorded by the heads",
+        "calibration": calibrated,
+        "scored": f"{int((store.valid & (store.leaf >= 0)).sum())} labelled images of {store.root}",
+    }
+
+
+def calibration_warnings(store: FeatureStore, calibration: Mapping[str, Any] | None) -> list[str]:
+    """A warning when temperatures and fusion weights were fitted on the very images scored."""
+    if calibration is None or calibration["rows"] != "all":
+        return []
+    if Path(calibration["store"]).resolve() != Path(store.root).resolve():
+        return []
+    return [
+        f"temperatures and fusion weights were fitted on the scored images themselves ({store.root}): "
+        "the calibrated and fused figures (accuracy, ECE, verdicts) are optimistic; calibrate on the "
+        "training set's holdout instead (--calibrate TRAIN_FEATURES)"
+    ]
 
 
 def _correct(preds: Predictions) -> np.ndarray:
@@ -192,10 +245,35 @@ def model_report(
         "n_images": n_images,
         "n_products": product["n"],
         "ms_per_1000_images": 1e6 * images.seconds / max(len(images), 1),
+        "branch_confusion": branch_confusions(images, taxonomy),
         "product": product,
         "settings": dict(settings or {}),
     }
     return entry
+
+
+def branch_confusions(images: Predictions, taxonomy: Taxonomy) -> list[dict[str, Any]]:
+    """The confusion counts of the branches a matrix can show (2 to ``MAX_CONFUSION_LEAVES`` leaves, scored
+    images), the most scored first, at most ``MAX_CONFUSION_PLOTS``; sparse: ``cells`` are
+    ``[true local leaf, predicted local leaf (branch size: another branch), count]``."""
+    known = images.leaf >= 0
+    y, pred = images.leaf[known], images.pred[known]
+    n = np.bincount(taxonomy.leaf_level1[y], minlength=taxonomy.n_level1)
+    sizes = taxonomy.branch_sizes
+    shown = [b for b in np.argsort(-n, kind="stable") if n[b] and 2 <= sizes[b] <= MAX_CONFUSION_LEAVES]
+    out = []
+    for b in shown[:MAX_CONFUSION_PLOTS]:
+        m = branch_confusion(y, pred, taxonomy, int(b))
+        t, p = np.nonzero(m)
+        out.append(
+            {
+                "branch": int(b),
+                "name": taxonomy.level1_names[b],
+                "leaves": [taxonomy.leaf_path(int(leaf))[2] for leaf in taxonomy.branch_leaves(int(b))],
+                "cells": [[int(i), int(j), int(m[i, j])] for i, j in zip(t, p, strict=True)],
+            }
+        )
+    return out
 
 
 def models_of(report: Mapping[str, Any]) -> list[str]:
@@ -289,19 +367,18 @@ def markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         "prediction are one path of the tree. Hierarchical F1 is the set-based hF1 of Kiritchenko et al.; "
         "mistake severity is the mean tree distance (1 same level 2, 2 same level 1, 3 other branch) over errors.",
         "",
+        *(f"> **Warning:** {w}\n" for w in meta.get("warnings", [])),
         "## Models",
         "",
         _table(["model", "settings"], [[n, _settings_text(report[n]["settings"])] for n in names]),
         "",
+        *_splits_markdown(meta),
         *_verdict_markdown(report),
         "## Images",
         "",
         _metric_table(report, "image"),
         "",
-        "## Products",
-        "",
-        _metric_table(report, "product"),
-        "",
+        *_products_markdown(report),
         "## Per branch (images)",
         "",
         _per_branch_markdown(report),
@@ -311,6 +388,7 @@ def markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         out += [f"![per-branch leaf accuracy]({plots['per_branch']})", ""]
     if "branch_size" in plots:
         out += [f"![accuracy against branch size]({plots['branch_size']})", ""]
+    out += _confusion_markdown(report, plots)
     out += ["## Calibration", "", _table(["model", "ECE images", "ECE products"], [
         [n, report[n]["ece"], report[n]["product"]["ece"]] for n in names
     ]), ""]  # fmt: skip
@@ -322,14 +400,84 @@ def markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     return "\n".join(out)
 
 
+def one_image_per_product(report: Mapping[str, Any]) -> bool:
+    """Whether every scored product has exactly one image (product figures then repeat the image ones)."""
+    return all(report[n]["n_products"] == report[n]["n_images"] for n in models_of(report))
+
+
+def _products_markdown(report: Mapping[str, Any]) -> list[str]:
+    if one_image_per_product(report):
+        return ["## Products", "", "Every product has one image: the product figures are the image figures.", ""]
+    return ["## Products", "", _metric_table(report, "product"), ""]
+
+
+def featured_model(report: Mapping[str, Any]) -> str:
+    """The model whose errors the report details: the hierarchical one if scored, else the first."""
+    names = models_of(report)
+    return "hierarchical" if "hierarchical" in names else names[0]
+
+
+def _confusion_markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> list[str]:
+    names = models_of(report)
+    rows = []
+    for n in names:
+        for pair in report[n].get("confused_pairs", [])[:5]:
+            rows.append(
+                [
+                    n,
+                    pair["true_name"],
+                    pair["pred_name"],
+                    pair["count"],
+                    pair["share"],
+                    "yes" if pair["same_branch"] else "no",
+                ]
+            )
+    out = ["## Most confused leaf pairs (images)", ""]
+    if not rows:
+        return [*out, "No errors.", ""]
+    out += [
+        "The five most frequent errors of each model; *share* is of the true leaf's images.",
+        "",
+        _table(["model", "true leaf", "predicted leaf", "images", "share", "same branch"], rows),
+        "",
+    ]
+    confusion = [k for k in plots if k.startswith("confusion_")]
+    if confusion:
+        out += [
+            f"Confusion matrices of the {featured_model(report)} model per level-1 branch (rows: true leaf, "
+            "normalised; last column: predicted in another branch):",
+            "",
+            *(f"![confusion matrix]({plots[k]})" for k in confusion),
+            "",
+        ]
+    return out
+
+
+def _splits_markdown(meta: Mapping[str, Any]) -> list[str]:
+    splits = meta.get("splits")
+    if not splits:
+        return []
+    return [
+        "Which images chose what:",
+        "",
+        f"- heads' settings (L2 strength, early-stopping epoch): {splits['early_stopping']}",
+        f"- temperatures and fusion weight: {splits['calibration']}",
+        f"- scored on: {splits['scored']}",
+        "",
+    ]
+
+
 def _verdict_markdown(report: Mapping[str, Any]) -> list[str]:
     images, products = verdict_lines(report, "image"), verdict_lines(report, "product")
+    if one_image_per_product(report):
+        products = []  # the same figures as the images'
     if not images:
         return []
     return [
         f"## Verdict against {BASELINE}",
         "",
-        "Leaf top-1 difference on the same images (then products), its paired-bootstrap 95% interval "
+        "Leaf top-1 difference on the same images (then products, when they have several images), its "
+        "paired-bootstrap 95% interval "
         "and McNemar's exact p. *better* / *worse* when the interval excludes 0.",
         "",
         *(f"- {line}" for line in images + products),
@@ -409,16 +557,21 @@ def write_plots(report: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.12 * len(present) * len(names) + 2)), 4.5))
         width = 0.8 / len(names)
         x = np.arange(len(present))
+        every = [report[n]["per_branch"][i]["leaf_acc"] for n in names for i in present]
         for j, n in enumerate(names):
             acc = [report[n]["per_branch"][i]["leaf_acc"] for i in present]
             ax.bar(x + j * width - 0.4 + width / 2, acc, width, label=n)
-        ax.set_xticks(x, [rows0[i]["name"][:18] for i in present], rotation=75, fontsize=7)
+        labels = [f"{rows0[i]['name'][:18]} (n={rows0[i]['n']})" for i in present]
+        ax.set_xticks(x, labels, rotation=75, fontsize=7)
         ax.set_ylabel("leaf accuracy (images)")
-        ax.set_ylim(0, 1)
-        ax.set_title("Leaf accuracy per level-1 branch")
+        low, high = min(every), max(every)
+        pad = max(0.02, 0.1 * (high - low))  # zoomed on the bars: the differences are a few points
+        ax.set_ylim(max(0.0, low - pad), min(1.0, high + pad))
+        ax.set_title("Leaf accuracy per level-1 branch (zoomed axis; n = images)")
         ax.legend()
         save(fig, "per_branch")
 
+    if len(present) >= MIN_BRANCHES_FOR_SIZE_PLOT:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for n in names:
             sizes = [rows0[i]["n_leaves"] for i in present]
@@ -431,6 +584,32 @@ def write_plots(report: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
         ax.set_title("Accuracy against branch size")
         ax.legend()
         save(fig, "branch_size")
+
+    for block in report[featured_model(report)].get("branch_confusion", []):
+        size = len(block["leaves"])
+        m = np.zeros((size, size + 1))
+        for t, p, c in block["cells"]:
+            m[t, p] = c
+        counts = m.sum(axis=1, keepdims=True)
+        share = np.divide(m, counts, out=np.zeros_like(m), where=counts > 0)
+        side = min(12.0, 3.0 + 0.22 * size)
+        fig, ax = plt.subplots(figsize=(side + 1.0, side))
+        image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+        names_ = [leaf[:24] for leaf in block["leaves"]]
+        font = 7 if size <= 20 else 5
+        ax.set_xticks(np.arange(size + 1), [*names_, "(other branch)"], rotation=90, fontsize=font)
+        ax.set_yticks(
+            np.arange(size), [f"{n} ({int(c)})" for n, c in zip(names_, counts[:, 0], strict=True)], fontsize=font
+        )
+        ax.set_xlabel("predicted leaf")
+        ax.set_ylabel("true leaf (images)")
+        ax.set_title(f"{block['name'][:40]}: {featured_model(report)}, row-normalised")
+        fig.colorbar(image, ax=ax, fraction=0.04)
+        key = f"confusion_{block['branch']}"
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{key}.png", dpi=100)
+        plt.close(fig)
+        done[key] = f"{key}.png"
 
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
@@ -549,19 +728,84 @@ def check_store(store: FeatureStore, classifiers: Mapping[str, Classifier], run:
         )
 
 
-def calibrate(models: Mapping[str, Classifier], store: FeatureStore, *, tune_fused: bool = True) -> dict[str, Any]:
-    """Fit every model's temperatures (and fused alphas) on labelled validation features, in place.
+def training_holdout(store: FeatureStore, classifiers: Mapping[str, Classifier]) -> np.ndarray | None:
+    """The image rows of ``store`` that the heads held out of their training, when ``store`` is their training set.
+
+    Every head records the holdout it carved from its training features (``training.holdout``:
+    fraction and seed of :func:`hierclass.data.splits.holdout_mask`) and how many labelled images
+    it trained and early-stopped on. ``store`` is taken for the training set when the same
+    holdout drawn on it gives the flat and router heads those same counts.
+
+    Returns:
+        A boolean mask over the store's rows (True: held out), or None when a head records no
+        holdout, the heads disagree on it, or ``store`` is not what they were trained on.
+    """
+    spec: dict[str, Any] | None = None
+    for clf in classifiers.values():
+        for meta in clf.meta.values():
+            held = (meta.get("training") or {}).get("holdout")
+            if not held or (spec is not None and held != spec):
+                return None
+            spec = held
+    if spec is None:
+        return None
+    mask = holdout_mask(store.product_id, store.leaf, fraction=spec["fraction"], seed=spec["seed"])
+    labelled = store.valid & (store.leaf >= 0)
+    checked = 0
+    for clf in classifiers.values():
+        for head, meta in clf.meta.items():
+            metrics = meta.get("metrics") or {}
+            if head in ("flat", "router") and "n_holdout" in metrics:
+                if (int((labelled & mask).sum()), int((labelled & ~mask).sum())) != (
+                    metrics["n_holdout"],
+                    metrics["n_train"],
+                ):
+                    return None
+                checked += 1
+    return mask if checked and (labelled & mask).any() else None
+
+
+def early_stopping_source(classifiers: Mapping[str, Classifier]) -> str | None:
+    """What the heads chose their training settings (L2 strength, epoch) on, as they recorded it."""
+    sources = {
+        (meta.get("metrics") or {}).get("holdout_source") for clf in classifiers.values() for meta in clf.meta.values()
+    } - {None}
+    return "; ".join(sorted(sources)) or None
+
+
+def calibrate(
+    models: Mapping[str, Classifier],
+    store: FeatureStore,
+    *,
+    tune_fused: bool = True,
+    rows: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Fit every model's temperatures (and fused alphas) on labelled features, in place.
 
     Flat and hierarchical models get their temperatures (:meth:`FlatClassifier.calibrate`,
     :meth:`HierarchicalClassifier.calibrate`) first; then each fused model's ``alpha`` is
     chosen by NLL over its (calibrated) parts when ``tune_fused``.
+
+    Fit them on images the heads were not trained on and that will not be scored: the
+    holdout of the training set (``rows=training_holdout(train_store, models)``) is both.
+
+    Args:
+        models: the models to calibrate.
+        store: the features to fit on.
+        tune_fused: also choose each fused model's ``alpha``.
+        rows: a boolean mask over the store's rows: fit on these only (default: every labelled row).
 
     Returns:
         What was fitted, per model (also in each model's ``settings`` in the report).
     """
     check_store(store, models)
     features = store.features()
-    leaf = np.where(store.valid, store.leaf, -1)
+    use = store.valid if rows is None else store.valid & np.asarray(rows, dtype=bool)
+    if rows is not None and len(rows) != store.n_images:
+        raise ValueError(f"rows has {len(rows)} entries but {store.root} has {store.n_images} images")
+    leaf = np.where(use, store.leaf, -1)
+    if not (leaf >= 0).any():
+        raise FeatureStoreError(f"{store.root}: no labelled images to calibrate on among the rows given")
     fitted: dict[str, Any] = {}
     done: set[int] = set()
     for name, clf in models.items():

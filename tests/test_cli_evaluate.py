@@ -56,7 +56,10 @@ def test_evaluate_calibrated_and_tuned(run: tuple[Path, Path, Path], tmp_path: P
     result = runner.invoke(app, [*args, "--calibrate", str(val_dir), "--fused-alpha", "auto"])
     assert result.exit_code == 0, result.output
     assert "calibrated   hierarchical: router_temperature=" in result.stdout
+    assert "WARNING: temperatures and fusion weights were fitted on the scored images" in result.stderr
+    assert "> **Warning:** temperatures and fusion weights" in (out / "report.md").read_text()
     report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["splits"]["calibration"] == f"all 240 labelled images of {val_dir}"
     assert report["flat"]["settings"]["temperature"] != 1.0
     assert report["hierarchical"]["settings"]["expert_temperature"] != 1.0
     assert min(abs(report["fused"]["settings"]["alpha"] - i / 20) for i in range(21)) < 1e-9
@@ -64,6 +67,21 @@ def test_evaluate_calibrated_and_tuned(run: tuple[Path, Path, Path], tmp_path: P
     tax = Taxonomy.from_csv(report["meta"]["taxonomy"]["source"])
     plain = evaluate({"flat": load_run(run_dir, tax)["flat"]}, FeatureStore.open(val_dir))
     assert plain["flat"]["leaf_top1"] == report["flat"]["leaf_top1"]
+
+
+def test_evaluate_calibrated_on_the_training_holdout(run: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, run_dir, val_dir = run
+    train_dir, out = run_dir.parent / "train", tmp_path / "report"
+    args = ["evaluate", "--run", str(run_dir), "--features", str(val_dir), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--calibrate", str(train_dir), "--fused-alpha", "auto"])
+    assert result.exit_code == 0, result.output
+    held = json.loads((run_dir / "flat" / "meta.json").read_text())["metrics"]["n_holdout"]
+    assert f"calibrating on the {held} held-out images of the run's training set" in result.stdout
+    assert "WARNING" not in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["warnings"] == []
+    assert report["meta"]["splits"]["calibration"].startswith(f"the {held} held-out images of the training set")
+    assert report["flat"]["settings"]["temperature"] != 1.0
 
 
 def test_predict_features(run: tuple[Path, Path, Path], tmp_path: Path) -> None:
@@ -103,7 +121,7 @@ def test_cli_errors_are_one_line(run: tuple[Path, Path, Path], tmp_path: Path) -
     assert "has no hierarchical model" in one_error_line(runner.invoke(app, pred))
     assert "needs both" in one_error_line(runner.invoke(app, [*pred, "--model", "fused"]))
     ev = ["evaluate", "--run", str(run_dir), "--features", str(val_dir), "--out", str(tmp_path / "r")]
-    assert "pass them with --calibrate" in one_error_line(runner.invoke(app, [*ev, "--fused-alpha", "auto"]))
+    assert "with --calibrate" in one_error_line(runner.invoke(app, [*ev, "--fused-alpha", "auto"]))
     assert "outside [0, 1]" in one_error_line(runner.invoke(app, [*ev, "--fused-alpha", "2"]))
     assert "not a number" in one_error_line(runner.invoke(app, [*ev, "--fused-alpha", "half"]))
     write_synthetic_store(tmp_path / "narrow", Taxonomy.from_csv(tax_csv), n=10, dim=8)

@@ -152,3 +152,19 @@ def test_paired_comparison_matches_resampling_the_samples() -> None:
     assert paired_comparison(flat, flat | (rng.random(1500) < 0.2))["verdict"] == "worse"
     with pytest.raises(ValueError, match="samples"):
         paired_comparison(flat, flat[:10])
+
+
+def test_confused_pairs_and_branch_confusion_by_hand() -> None:
+    from hierclass.metrics import branch_confusion, confused_pairs
+
+    tax = Taxonomy.from_rows([(1, "A", "a", "x"), (2, "A", "a", "y"), (3, "A", "b", "w"), (4, "B", "b", "z")])
+    y = np.array([0, 0, 0, 1, 1, 2, 3, 3])
+    p = np.array([1, 1, 3, 1, 0, 2, 3, 0])
+    pairs = confused_pairs(y, p, tax)
+    assert [(r["true"], r["pred"], r["count"]) for r in pairs] == [(0, 1, 2), (0, 3, 1), (1, 0, 1), (3, 0, 1)]
+    assert pairs[0]["share"] == pytest.approx(2 / 3) and pairs[0]["same_branch"] and not pairs[1]["same_branch"]
+    assert pairs[0]["true_name"] == "A > a > x" and pairs[0]["pred_name"] == "A > a > y"
+    assert len(confused_pairs(y, p, tax, top=2)) == 2 and confused_pairs(y, y, tax) == []
+    # branch A (leaves x, y, w): rows true leaf, columns predicted leaf of A, last column another branch
+    np.testing.assert_array_equal(branch_confusion(y, p, tax, 0), [[0, 2, 0, 1], [1, 1, 0, 0], [0, 0, 1, 0]])
+    np.testing.assert_array_equal(branch_confusion(y, p, tax, 1), [[1, 1]])

@@ -29,6 +29,12 @@ def test_pipeline_end_to_end_and_resume(tmp_path: Path, catalogue) -> None:
         m = report[name]
         assert m["n_products"] == 30 and m["level1_acc"] >= m["leaf_top1"]
     assert 0.0 <= report["fused"]["settings"].get("alpha", 0.5) <= 1.0
+    # temperatures and fusion weight come from the training set's holdout, not from the scored images
+    splits = report["meta"]["splits"]
+    assert "held-out images of the training set" in splits["calibration"] and "train" in splits["calibration"]
+    assert "0.1 of the products of" in splits["early_stopping"] and "val" in splits["scored"]
+    assert report["meta"]["warnings"] == [] and not any("WARNING" in line for line in logs)
+    assert "- temperatures and fusion weight: the " in result.report_md.read_text()
     assert (tmp_path / "w" / "report" / "report.json").is_file() and result.report_md.is_file()
     assert len(summary_rows(report)) == 5
     # a second run reuses the features and the trained heads

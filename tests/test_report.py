@@ -126,9 +126,35 @@ def test_evaluate_report_keys_and_consistency(run: tuple[Path, Path, Path], tmp_
     assert saved["fused"]["vs_flat"] == report["fused"]["vs_flat"]
     text = md.read_text()
     assert "## Verdict against flat" in text and "- hierarchical vs flat: " in text and "McNemar p=" in text
-    for png in ("per_branch.png", "branch_size.png", "reliability.png", "coverage.png"):
+    for png in ("per_branch.png", "reliability.png", "coverage.png"):
         assert (tmp_path / "rep" / png).stat().st_size > 1000 and f"({png})" in text
     assert "| leaf top-1 |" in text and "fused" in text and "BRANCH 3" in text
+    assert not (tmp_path / "rep" / "branch_size.png").exists()  # 4 branches: too few for that plot
+    assert "## Products\n\n| metric |" in text  # 3 images per product: a table of its own
+    # the most confused pairs, and a confusion matrix per branch of 2+ leaves (branch 0 has one leaf),
+    # on noisier images of the same problem (the clean ones may all be right)
+    noisy_store = write_synthetic_store(tmp_path / "noisy", tax, n=240, dim=12, seed=5, noise=4.0)
+    noisy = evaluate(models, noisy_store)
+    assert 0 < noisy["hierarchical"]["leaf_top1"] < 1
+    text = write_report(noisy, tmp_path / "noisy_rep").read_text()
+    assert "## Most confused leaf pairs (images)" in text and "| hierarchical | BRANCH" in text
+    sizes = [sum(r["n"] for r in noisy["hierarchical"]["per_branch"] if r["branch"] == b) for b in (1, 2, 3)]
+    shown = [b["branch"] for b in noisy["hierarchical"]["branch_confusion"]]
+    assert sorted(shown) == [1, 2, 3] and [sizes[b - 1] for b in shown] == sorted(sizes, reverse=True)
+    for b in (1, 2, 3):
+        png = tmp_path / "noisy_rep" / f"confusion_{b}.png"
+        assert png.stat().st_size > 1000 and f"(confusion_{b}.png)" in text
+    for block in noisy["hierarchical"]["branch_confusion"]:
+        row = noisy["hierarchical"]["per_branch"][block["branch"]]
+        assert sum(c for _, _, c in block["cells"]) == row["n"]
+        right = sum(c for t, p, c in block["cells"] if t == p)
+        assert right == pytest.approx(row["leaf_acc"] * row["n"])
+    # one image per product: no second copy of the image table
+    single = json.loads(json.dumps(report))
+    for name in single["meta"]["models"]:
+        single[name]["n_products"] = single[name]["n_images"]
+    single_md = write_report(single, tmp_path / "single").read_text()
+    assert "Every product has one image" in single_md and "## Products\n\n| metric |" not in single_md
 
 
 def test_load_run_alone_and_errors(run: tuple[Path, Path, Path], tmp_path: Path) -> None:
@@ -188,3 +214,27 @@ def test_fill_missing_products() -> None:
     assert n == 1 and filled.ids.tolist() == [13, 99, 11]
     assert filled.pred.tolist() == [2, 2, 0]  # the most predicted leaf for the missing product
     assert filled.topk_prob[1, 0] == pytest.approx(2 / 3)
+
+
+def test_calibration_on_the_training_holdout(run: tuple[Path, Path, Path]) -> None:
+    from hierclass.data.splits import holdout_mask
+    from hierclass.report import calibrate, training_holdout
+
+    tax_csv, run_dir, val_dir = run
+    tax = Taxonomy.from_csv(tax_csv)
+    train = FeatureStore.open(run_dir.parent / "train")
+    models = load_run(run_dir, tax)
+    held = training_holdout(train, models)
+    assert held is not None
+    np.testing.assert_array_equal(held, holdout_mask(train.product_id, train.leaf, fraction=0.1, seed=0))
+    meta = json.loads((run_dir / "flat" / "meta.json").read_text())
+    assert int((held & train.valid).sum()) == meta["metrics"]["n_holdout"]
+    assert training_holdout(FeatureStore.open(val_dir), models) is None  # not what the heads were trained on
+    # fitting on the rows given is fitting on those rows alone
+    flat = load_run(run_dir, tax)["flat"]
+    calibrate({"flat": models["flat"]}, train, rows=held)
+    rows = np.flatnonzero(held & train.valid)
+    flat.calibrate(np.asarray(train.features())[rows], train.leaf[rows])
+    assert models["flat"].temperature == pytest.approx(flat.temperature) and flat.temperature != 1.0
+    with pytest.raises(FeatureStoreError, match="no labelled images to calibrate on"):
+        calibrate({"flat": models["flat"]}, train, rows=np.zeros(train.n_images, dtype=bool))

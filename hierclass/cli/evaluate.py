@@ -75,7 +75,8 @@ CalibrateOpt = Annotated[
         "--calibrate",
         exists=True,
         file_okay=False,
-        help="Validation features: fit each head's temperature (and an 'auto' fused a) on them first.",
+        help="Features to fit each head's temperature (and an 'auto' fused a) on first: the run's training "
+        "features (their held-out images are used), or other labelled features not scored.",
     ),
 ]
 BatchOpt = Annotated[int, typer.Option(min=1, help="Images per forward pass of the heads.")]
@@ -111,9 +112,16 @@ def build_models(
     fused_alpha: str | None,
     calibrate_dir: Path | None,
     only_flat: bool = False,
-) -> dict[str, Classifier]:
+) -> tuple[dict[str, Classifier], dict[str, Any] | None]:
     """The run's models, plus ``fused`` when ``fused_alpha`` is given, calibrated on ``calibrate_dir`` if given.
-    With ``only_flat``, the flat model alone (a router/ or experts/ folder left unfinished does not matter)."""
+
+    With ``only_flat``, the flat model alone (a router/ or experts/ folder left unfinished does not
+    matter). When ``calibrate_dir`` holds the features the run was trained on, only the images its
+    heads held out of training are used.
+
+    Returns:
+        The models and what they were calibrated on (:func:`hierclass.report.calibration_record`; None: not).
+    """
     from hierclass.featurestore import FeatureStore
     from hierclass.inference import FlatClassifier, FusedClassifier
     from hierclass.report import calibrate, load_run
@@ -127,7 +135,7 @@ def build_models(
         if set(models) != {"flat", "hierarchical"}:
             raise fail(f"{run}: a fused model needs both the flat and the hierarchical model")
         if auto and calibrate_dir is None:
-            raise fail("--fused-alpha auto tunes a on validation features; pass them with --calibrate")
+            raise fail("--fused-alpha auto tunes a on labelled features; pass the training features with --calibrate")
         try:
             alpha = 0.5 if auto else float(fused_alpha)
         except ValueError:
@@ -135,19 +143,24 @@ def build_models(
         if not 0.0 <= alpha <= 1.0:
             raise fail(f"--fused-alpha {alpha} is outside [0, 1]; give a in [0, 1] or 'auto'")
         models["fused"] = FusedClassifier(models["flat"], models["hierarchical"], alpha=alpha)  # type: ignore[arg-type]
-    if calibrate_dir is not None:
-        import numpy as np
+    if calibrate_dir is None:
+        return models, None
+    import numpy as np
 
-        validation = FeatureStore.open(calibrate_dir)
-        if not (np.asarray(validation.leaf) >= 0).any():
-            raise fail(
-                f"{calibrate_dir} (--calibrate): no labelled image to calibrate on; pass labelled validation features"
-            )
-        fitted = calibrate(models, validation, tune_fused=auto)
-        for name, settings in fitted.items():
-            shown = {k: round(v, 4) for k, v in settings.items() if isinstance(v, float)}
-            typer.echo(f"calibrated   {name}: {', '.join(f'{k}={v}' for k, v in shown.items())}")
-    return models
+    from hierclass.report import calibration_record, training_holdout
+
+    store = FeatureStore.open(calibrate_dir)
+    if not (np.asarray(store.leaf) >= 0).any():
+        raise fail(f"{calibrate_dir} (--calibrate): no labelled image to calibrate on; pass labelled features")
+    held = training_holdout(store, models)
+    fitted = calibrate(models, store, tune_fused=auto, rows=held)
+    record = calibration_record(store, held)
+    where = "held-out images of the run's training set" if held is not None else "labelled images"
+    typer.echo(f"calibrating on the {record['n_images']} {where} in {calibrate_dir}")
+    for name, settings in fitted.items():
+        shown = {k: round(v, 4) for k, v in settings.items() if isinstance(v, float)}
+        typer.echo(f"calibrated   {name}: {', '.join(f'{k}={v}' for k, v in shown.items())}")
+    return models, record
 
 
 def features_cache_dir(run: Path, data: Path, settings: dict[str, Any] | None = None) -> Path:
@@ -249,7 +262,7 @@ def evaluate_command(
     from hierclass.report import evaluate, write_report
 
     tax = resolve_taxonomy(run, taxonomy)
-    models = build_models(
+    models, calibration = build_models(
         run,
         tax,
         combine=combine,
@@ -266,7 +279,10 @@ def evaluate_command(
         tta=tta,
         abstain_threshold=abstain_threshold,
         meta={"run": str(run)},
+        calibration=calibration,
     )
+    for warning in report["meta"]["warnings"]:
+        typer.echo(f"WARNING: {warning}", err=True)
     md = write_report(report, out)
     for name in report["meta"]["models"]:
         r = report[name]
@@ -326,7 +342,7 @@ def predict_command(
             f"warning: --topk {topk} is more than the taxonomy's {tax.n_leaves} leaves; using {tax.n_leaves}", err=True
         )
         topk = tax.n_leaves
-    models = build_models(
+    models, _ = build_models(
         run,
         tax,
         combine=combine,

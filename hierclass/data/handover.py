@@ -3,7 +3,7 @@ memory that is written once and then reused.
 
 torch's own path puts every batch a worker returns into a fresh shared-memory segment: the
 worker pays for new pages (zeroed, faulted in) and the main process for a file-descriptor
-handshake, batch after batch. On the 2-core VM of ``benchmarks/bench_data.py`` that cost about as
+handshake, batch after batch. On a 2-core machine (``benchmarks/bench_data.py``) that cost about as
 much as decoding the images (``benchmarks/README.md``, part c). Here each worker keeps a few
 segments (``memfd``, one batch each) and reuses them:
 
