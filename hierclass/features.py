@@ -192,9 +192,7 @@ def extract_features(
     out = Path(out)
     engine = Engine(engine)
     tax = taxonomy if isinstance(taxonomy, Taxonomy) else Taxonomy.from_csv(taxonomy)
-    source = (
-        data if hasattr(data, "read_images") else open_source(data, progress=progress, taxonomy=tax, strict=strict)
-    )
+    source = data if hasattr(data, "read_images") else open_source(data, progress=progress, taxonomy=tax, strict=strict)
     problems = list(getattr(source, "problems", list)())
     report = getattr(source, "report", None)
     if strict and report is not None and not report.ok:
