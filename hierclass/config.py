@@ -44,7 +44,8 @@ class TrainConfig:
         None, "Inverse L2 strength (scikit-learn's C); default: the best of --c-grid on the holdout."
     )
     c_grid: tuple[float, ...] = _opt(
-        (0.003, 0.01, 0.03, 0.1, 0.3, 1.0), "C values tried, strong to weak, until one scores worse on the holdout."
+        (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0),
+        "C values tried, strong to weak, until one scores worse on the holdout.",
     )
     max_iter: int = _opt(100, "L-BFGS iterations per C (each C starts from the previous one's solution).")
     tol: float = _opt(1e-4, "L-BFGS stops when the objective improves by less than this times its value.")
