@@ -207,9 +207,9 @@ class Split:
     def all(self, device: str) -> tuple[Tensor, Tensor]:
         """Every row's features (float32) and targets as tensors on ``device`` (the full-batch solver)."""
         feats = np.empty((len(self), self.store.dim), dtype=np.float32)
-        chunk = 65_536
+        chunk = 65_536  # bounds the float16 read buffer
         for start in range(0, len(self), chunk):
-            feats[start : start + chunk] = self.store.features()[self.rows[start : start + chunk]]
+            feats[start : start + chunk] = self.batch(np.arange(start, min(start + chunk, len(self))))[0]
         return torch.from_numpy(feats).to(device), torch.from_numpy(self.target).to(device)
 
 
@@ -364,9 +364,12 @@ def _minimize(objective: Callable[[], Tensor], params: list[Tensor], config: Tra
     """
     from scipy.optimize import minimize
 
-    def fun(theta: np.ndarray) -> tuple[float, np.ndarray]:
+    def set_params(theta: np.ndarray) -> None:
         with torch.no_grad():
             torch.nn.utils.vector_to_parameters(torch.from_numpy(theta.astype(np.float32)).to(params[0].device), params)
+
+    def fun(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        set_params(theta)
         for p in params:
             p.grad = None
         value = objective()
@@ -377,7 +380,7 @@ def _minimize(objective: Callable[[], Tensor], params: list[Tensor], config: Tra
     start = torch.nn.utils.parameters_to_vector(params).detach().cpu().double().numpy()
     options = {"maxiter": config.max_iter, "ftol": config.tol, "gtol": 1e-8, "maxcor": 20}
     result = minimize(fun, start, jac=True, method="L-BFGS-B", options=options)
-    fun(result.x)  # leave the parameters (and their gradients) at the solution
+    set_params(result.x)  # scipy's last evaluation need not be at its solution
     return float(result.fun), int(result.nit)
 
 
