@@ -65,6 +65,8 @@ BACKBONE_KEYS = frozenset(
         "crop_pct",
         "pool",
         "dim",
+        "top_stages",
+        "map_shape",
     }
 )
 """Feature-store meta fields that decide what a feature vector means; heads refuse a mismatch."""

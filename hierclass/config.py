@@ -16,6 +16,8 @@ from hierclass.errors import HierclassError
 
 SOLVERS = ("auto", "lbfgs", "adamw")
 CLASS_BALANCE = ("none", "loss", "sampler")
+BN_MODES = ("train", "frozen")
+INIT_FROM = ("pretrained", "flat")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -53,7 +55,7 @@ class TrainConfig:
     # AdamW (MLP heads, and linear heads too large for L-BFGS).
     epochs: int | None = _opt(None, "AdamW passes over the training images; default: enough for --min-steps (10-300).")
     min_steps: int = _opt(3000, "Optimiser steps the default epochs aim for on small catalogues.")
-    batch_size: int = _opt(512, "Images per AdamW step.")
+    batch_size: int | None = _opt(None, "Images per AdamW step; default: 512 on pooled features, 128 on trunk maps.")
     lr: float = _opt(1e-3, "Peak AdamW learning rate, reached after warm-up, then cosine decay.")
     weight_decay: float = _opt(1e-4, "AdamW decoupled weight decay.")
     warmup: float = _opt(0.05, "Fraction of the AdamW steps with a linear warm-up from 0.")
@@ -74,6 +76,11 @@ class TrainConfig:
     # Experts only: every expert also learns an "other" class from the other branches' samples, so routing
     # mistakes can be recovered at inference; costs about a flat head per step.
     expert_other: bool = _opt(False, "Every expert also learns an 'other' class from the other branches' images.")
+    # CNN tops (features extracted with --top-stages N): the models own the backbone's last N stages.
+    top_lr_ratio: float = _opt(0.1, "CNN tops: learning rate of the pretrained stages, as a fraction of --lr.")
+    bn: str = _opt("train", "CNN tops: batch norm statistics train, or stay frozen at the backbone's.")
+    flip: bool = _opt(True, "CNN tops: train on the stored flipped view of half the images (stores made with --hflip).")
+    init_from: str = _opt("pretrained", "CNN expert tops start from the pretrained stages, or from the run's flat top.")
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field, its value and what was expected."""
@@ -87,7 +94,7 @@ class TrainConfig:
             ("lbfgs_memory_mb", self.lbfgs_memory_mb >= 0, ">= 0"),
             ("epochs", self.epochs is None or self.epochs >= 1, "None or >= 1"),
             ("min_steps", self.min_steps >= 1, ">= 1"),
-            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("batch_size", self.batch_size is None or self.batch_size >= 1, "None or >= 1"),
             ("lr", self.lr > 0, "> 0"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("warmup", 0 <= self.warmup < 1, "in [0, 1)"),
@@ -97,6 +104,9 @@ class TrainConfig:
             ("class_balance", self.class_balance in CLASS_BALANCE, f"one of {CLASS_BALANCE}"),
             ("hidden", self.hidden is None or self.hidden >= 1, "None or >= 1"),
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+            ("top_lr_ratio", 0 <= self.top_lr_ratio <= 1, "in [0, 1]"),
+            ("bn", self.bn in BN_MODES, f"one of {BN_MODES}"),
+            ("init_from", self.init_from in INIT_FROM, f"one of {INIT_FROM}"),
         ]
         for name, ok, expected in checks:
             if not ok:

@@ -28,6 +28,7 @@ checkpointing) is shared in :func:`train_head`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -47,7 +48,7 @@ from tqdm.auto import tqdm
 from hierclass.checkpoint import backbone_config, class_order, feature_config, load_model, read_meta, save_model
 from hierclass.config import TrainConfig
 from hierclass.data.splits import holdout_mask
-from hierclass.errors import CheckpointError, HierclassError
+from hierclass.errors import CheckpointError, ConfigError, HierclassError
 from hierclass.featurestore import FeatureStore, FeatureStoreError
 from hierclass.models.heads import ExpertHeads, FlatHead, RouterHead
 from hierclass.taxonomy import Taxonomy
@@ -97,8 +98,15 @@ class Task:
         """The global class of each labelled image: its branch (router) or its leaf (experts, flat)."""
         return self.taxonomy.leaf_level1[leaf] if self.kind == "router" else np.asarray(leaf)
 
-    def build_model(self, dim: int, config: TrainConfig) -> nn.Module:
-        """A freshly initialised head for this task."""
+    def build_model(self, dim: int, config: TrainConfig, store_meta: dict[str, Any] | None = None) -> nn.Module:
+        """A freshly initialised model for this task: a head on pooled features, a CNN top on trunk maps
+        (its stages starting from the backbone's pretrained weights)."""
+        spec = top_spec(store_meta or {})
+        if spec is not None:
+            from hierclass.models.tops import build_top_model
+
+            pretrained = str((store_meta or {}).get("pretrained", "none"))
+            return build_top_model(self.kind, self.taxonomy, spec, pretrained, config.dropout, config.bn)
         if self.kind == "router":
             return RouterHead(dim, self.taxonomy.n_level1, hidden=config.hidden, dropout=config.dropout)
         if self.kind == "flat":
@@ -167,6 +175,13 @@ class Task:
         return self.taxonomy.n_level1 if self.kind == "experts" else 1
 
 
+def top_spec(store_meta: dict[str, Any]) -> dict[str, Any] | None:
+    """What a CNN top needs from a store of trunk maps (None for pooled features)."""
+    if not store_meta.get("top_stages"):
+        return None
+    return {k: store_meta[k] for k in ("backbone", "top_stages", "map_shape", "num_features")}
+
+
 def smoothed_nll(log_probs: Tensor, target: Tensor, smoothing: float = 0.0, weight: Tensor | None = None) -> Tensor:
     """Cross-entropy with label smoothing over the admissible (finite) classes, optionally sample-weighted.
 
@@ -194,14 +209,23 @@ class Split:
     store: FeatureStore
     rows: np.ndarray  # store row indices, sorted
     target: np.ndarray  # global class per row (aligned with ``rows``)
+    flip: np.random.Generator | None = None  # training: read half the rows from the flipped view
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def batch(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Features (float32) and targets of the given positions, read in ascending row order."""
+        """Features (float32) and targets of the given positions, read in ascending row order.
+
+        With ``flip`` set, each row comes from the stored horizontally flipped view with probability 1/2.
+        """
         positions = np.sort(positions)  # sequential memmap reads; order inside a batch does not matter
-        feats = np.asarray(self.store.features()[self.rows[positions]], dtype=np.float32)
+        rows = self.rows[positions]
+        feats = np.asarray(self.store.features()[rows], dtype=np.float32)
+        if self.flip is not None:
+            flipped = self.flip.random(len(rows)) < 0.5
+            if flipped.any():
+                feats[flipped] = self.store.features("hflip")[rows[flipped]]
         return feats, self.target[positions]
 
     def all(self, device: str) -> tuple[Tensor, Tensor]:
@@ -308,20 +332,25 @@ def _better(a: Scores, b: Scores | None) -> bool:
 
 
 # ---------------------------------------------------------------------------- solvers
-def resolve_solver(config: TrainConfig, n_rows: int, dim: int) -> str:
-    """The solver ``config.solver`` means for a training set of ``n_rows`` x ``dim`` features."""
-    if config.solver == "lbfgs" and config.hidden is not None:
-        raise ValueError("solver='lbfgs' solves linear heads only; use solver='adamw' (or 'auto') with hidden")
+def resolve_solver(config: TrainConfig, n_rows: int, dim: int, tops: bool = False) -> str:
+    """The solver ``config.solver`` means for a training set of ``n_rows`` x ``dim`` features (``tops``: trunk maps)."""
+    if config.solver == "lbfgs" and (config.hidden is not None or tops):
+        what = "CNN tops" if tops else "hidden"
+        raise ConfigError(f"--solver lbfgs solves linear heads only; use --solver adamw (or auto) with {what}")
+    if tops:
+        return "adamw"
     if config.solver != "auto":
         return config.solver
     fits = n_rows * dim * 4 <= config.lbfgs_memory_mb * 2**20
     return "lbfgs" if config.hidden is None and fits else "adamw"
 
 
-def auto_epochs(config: TrainConfig, n_train: int) -> tuple[int, int]:
-    """``(epochs, patience)``: as configured, or enough passes for ``min_steps`` steps (10 to 300)."""
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
-    epochs = config.epochs or min(300, max(10, math.ceil(config.min_steps / steps_per_epoch)))
+def auto_epochs(config: TrainConfig, n_train: int, tops: bool = False) -> tuple[int, int]:
+    """``(epochs, patience)``: as configured, or enough passes for ``min_steps`` steps (10 to 300 for heads
+    on pooled features, 3 to 30 for CNN tops, whose steps cost far more)."""
+    steps_per_epoch = math.ceil(n_train / (config.batch_size or 512))
+    low, high = (3, 30) if tops else (10, 300)
+    epochs = config.epochs or min(high, max(low, math.ceil(config.min_steps / steps_per_epoch)))
     patience = config.patience if config.patience is not None else max(3, epochs // 10)
     return epochs, patience
 
@@ -485,13 +514,26 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups, each with its ``lr_scale``: a CNN top's pretrained stages train at
+    ``top_lr_ratio`` of the learning rate, new layers (classifiers, heads) at the full rate."""
+    pretrained = list(getattr(model, "pretrained_parameters", lambda: iter(()))())
+    mine = {id(p) for p in pretrained}
+    new = [p for p in model.parameters() if id(p) not in mine]
+    groups = [{"params": new, "lr_scale": 1.0}]
+    if pretrained:
+        groups.append({"params": pretrained, "lr_scale": config.top_lr_ratio})
+    return groups
+
+
 def _adamw(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW, with the fused kernel where this torch and device have it (~6x the default on CPU for a
     5,270 x 1,280 head: 0.03 s against 0.2 s a step)."""
+    groups = param_groups(model, config)
     try:
-        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def train_one_epoch(
@@ -520,7 +562,7 @@ def train_one_epoch(
         t = torch.from_numpy(target).to(device)
         lr = lr_at(step, total_steps, config)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss = task.loss(model, x, t, config.smoothing, weights[t] if weights is not None else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -543,7 +585,7 @@ def fit_adamw(
     log: _Log,
 ) -> dict[str, Any]:
     """Minibatch AdamW with warm-up and cosine decay; keeps the epoch with the best holdout accuracy."""
-    epochs, patience = auto_epochs(config, len(fit))
+    epochs, patience = auto_epochs(config, len(fit), tops=hasattr(model, "pretrained_parameters"))
     optimizer = _adamw(model, config)
     rng = np.random.default_rng(config.seed)
     total_steps = math.ceil(len(fit) / config.batch_size) * epochs
@@ -655,6 +697,11 @@ def train_head(
     device = _device(config.device)
     out_dir = Path(out_dir)
     _check_stores(train_store, val_store, taxonomy)
+    tops = top_spec(train_store.meta) is not None
+    if config.batch_size is None:
+        config = dataclasses.replace(config, batch_size=128 if tops else 512)
+    if tops and kind == "experts" and config.expert_other:
+        raise HierclassError("--expert-other applies to heads on pooled features; CNN expert tops have no other class")
     b = taxonomy.branch_index(branch) if branch is not None else None
     task = Task(kind, taxonomy, b, other=kind == "experts" and config.expert_other)
     if b is not None and taxonomy.branch_sizes[b] < 2 and not task.other:
@@ -675,19 +722,28 @@ def train_head(
     report = _split(val_store, task) if val_store is not None else None
 
     torch.manual_seed(config.seed)
-    packed: ExpertHeads | None = None
+    packed: nn.Module | None = None
     if b is not None:
         packed, base_meta = _existing_experts(out_dir, taxonomy, train_store, config)
         model = copy.deepcopy(packed)  # keeps the packed experts' feature statistics
-        fresh = ExpertHeads(train_store.dim, taxonomy, packed.hidden, packed.dropout, packed.activation, packed.other)
+        if tops:
+            fresh: nn.Module = _fresh_tops(task, train_store, config, out_dir)
+        else:
+            fresh = ExpertHeads(
+                train_store.dim, taxonomy, packed.hidden, packed.dropout, packed.activation, packed.other
+            )
         model.copy_branch_(fresh, b)
+    elif tops:
+        model = _fresh_tops(task, train_store, config, out_dir)
     else:
         model = task.build_model(train_store.dim, config)
         if config.standardize:
             mean, std = feature_stats(fit, seed=config.seed)
             model.norm.set_(torch.from_numpy(mean), torch.from_numpy(std))
+    if tops and config.flip and "hflip" in train_store.meta.get("views", []):
+        fit.flip = np.random.default_rng(config.seed + 1)
     model.to(device)
-    solver = resolve_solver(config, len(fit), train_store.dim)
+    solver = resolve_solver(config, len(fit), train_store.dim, tops)
 
     weights = sample_p = None
     if config.class_balance != "none":
@@ -737,6 +793,7 @@ def train_head(
         **config.to_dict(),
         "solver_used": solver,
         "label_smoothing_used": config.smoothing,
+        "flip_used": fit.flip is not None,
         "holdout": {"fraction": config.holdout, "seed": config.seed},
     }
     if packed is not None:
@@ -756,6 +813,24 @@ def train_head(
     return final
 
 
+def _fresh_tops(task: Task, store: FeatureStore, config: TrainConfig, out_dir: Path) -> nn.Module:
+    """A new CNN top for ``task``: from the pretrained stages, or, for experts with ``init_from="flat"``,
+    from the run's trained flat top (``out_dir``'s sibling ``flat``)."""
+    model = task.build_model(store.dim, config, store.meta)
+    if task.kind == "experts" and config.init_from == "flat":
+        flat_dir = out_dir.parent / "flat"
+        if not (flat_dir / "meta.json").is_file():
+            raise CheckpointError(f"{flat_dir}: no flat top to start the experts from; train-flat first on these maps")
+        flat, meta = load_model(flat_dir, task.taxonomy)
+        if not hasattr(flat, "top") or backbone_config(meta.get("features", {})) != backbone_config(store.meta):
+            raise CheckpointError(
+                f"{flat_dir}: the flat model was not trained on these maps ({store.root}); "
+                "train-flat on the same features first, or use --init-from pretrained"
+            )
+        model.init_from_flat_(flat)
+    return model
+
+
 def _strip_saved(meta: dict[str, Any]) -> dict[str, Any]:
     return {
         k: v for k, v in meta.items() if k not in ("head", "hierclass_version", "checkpoint_version", "weights_sha256")
@@ -773,7 +848,6 @@ def _existing_experts(
     if read_meta(out_dir).get("kind") != "experts":
         raise CheckpointError(f"{out_dir}: holds a {read_meta(out_dir).get('kind')} head, not experts")
     model, meta = load_model(out_dir, taxonomy)
-    assert isinstance(model, ExpertHeads)
     if model.hidden != config.hidden:
         raise CheckpointError(
             f"{out_dir}: the packed experts have hidden={model.hidden}, this run asks hidden={config.hidden}; "

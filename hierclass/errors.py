@@ -33,3 +33,7 @@ def where(path: str | Path, place: str | int | None = None) -> str:
 
 class OutputError(HierclassError):
     """An output path cannot be written (permissions, read-only or full disk, a file where a folder is expected)."""
+
+
+class ConfigError(HierclassError, ValueError):
+    """Training options that do not fit together or do not fit the features (e.g. L-BFGS for a CNN top)."""

@@ -44,6 +44,7 @@ SETTINGS = (  # what must be equal for a feature folder to be resumed (or reused
     "source_size",
     "n_images",
     "taxonomy_fingerprint",
+    "top_stages",  # absent for pooled features
 )
 
 
@@ -60,13 +61,16 @@ class FeatureExtractor:
             input size. Default: a temporary file that lives as long as the extractor.
         crop_pct: the fraction of the resized image kept by the centre crop instead of the
             model's (timm's default 0.875 cuts ~12% of each side; 1.0 keeps the whole image).
+        top_stages: 0 for the pooled features; N >= 1 for the map of the trunk that leaves the
+            model's last N stages to a trained top (:mod:`hierclass.models.trunk`), flattened.
 
     Attributes:
         model: the torch backbone (eval).
         data_config: the preprocessing (input_size, mean, std, interpolation, crop_pct, crop_mode).
         preprocess: the matching :class:`~hierclass.data.EvalTransform` (uint8 resize and crop, then
             normalisation, both per batch).
-        dim: the feature size.
+        dim: the feature size (``C*H*W`` for trunk maps).
+        map_shape: ``[C, H, W]`` of the trunk maps (None for pooled features).
         stamp: backbone, weights and input size, stored in the ONNX file and the feature cache.
     """
 
@@ -79,6 +83,7 @@ class FeatureExtractor:
         image_size: int | None = None,
         onnx_path: str | Path | None = None,
         crop_pct: float | None = None,
+        top_stages: int = 0,
     ) -> None:
         self.engine = Engine(engine)
         self.image_size = image_size
@@ -86,6 +91,12 @@ class FeatureExtractor:
         self.data_config = _data_config(self.model, image_size, crop_pct)
         self.preprocess = resolve_transform(self.data_config)
         self.dim = int(self.model.num_features)
+        self.map_shape: tuple[int, int, int] | None = None
+        if top_stages:
+            from hierclass.models.trunk import checked_split
+
+            self.model, _, self.map_shape = checked_split(self.model, top_stages, tuple(self.data_config["input_size"]))
+            self.dim = int(np.prod(self.map_shape))
         self.stamp: dict[str, Any] = {
             "backbone": backbone,
             "pretrained": str(pretrained),
@@ -94,6 +105,7 @@ class FeatureExtractor:
             "input": "uint8 [B, H, W, 3], normalised in the graph",
             "mean": list(self.data_config["mean"]),
             "std": list(self.data_config["std"]),
+            **({"top_stages": int(top_stages)} if top_stages else {}),
         }
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._onnx: OnnxBackbone | None = None
@@ -127,10 +139,12 @@ class FeatureExtractor:
                     f"the onnx engine takes uint8 images (from the dataset's collate), got {images.dtype}; "
                     "pass the uint8 batch, or use engine='torch' for normalised float input"
                 )
-            return self._onnx(images.permute(0, 2, 3, 1).numpy())  # no copy for a channels-last batch
-        with torch.inference_mode():
-            x = self.preprocess.normalize(images) if images.dtype == torch.uint8 else images.float()
-            return self.model(x.contiguous(memory_format=torch.channels_last)).float().numpy()
+            out = self._onnx(images.permute(0, 2, 3, 1).numpy())  # no copy for a channels-last batch
+        else:
+            with torch.inference_mode():
+                x = self.preprocess.normalize(images) if images.dtype == torch.uint8 else images.float()
+                out = self.model(x.contiguous(memory_format=torch.channels_last)).float().numpy()
+        return out.reshape(len(out), -1) if self.map_shape is not None else out
 
 
 def extract_features(
@@ -146,6 +160,7 @@ def extract_features(
     workers: int = 0,
     hflip: bool = False,
     crop_pct: float | None = None,
+    top_stages: int = 0,
     progress: bool = True,
     strict: bool = False,
 ) -> FeatureStore:
@@ -170,6 +185,9 @@ def extract_features(
         workers: DataLoader processes decoding images (0: in this process).
         hflip: also store features of horizontally flipped images (view ``hflip``).
         crop_pct: the centre crop's kept fraction instead of the model's (stored in ``data_config``).
+        top_stages: 0 stores the pooled features; N >= 1 stores the trunk's output map (float16,
+            flattened ``C*H*W``, shape in ``meta["map_shape"]``), for models that train the
+            backbone's last N stages (``train-*`` on such a store builds CNN tops).
         progress: show a progress bar (with images/s) and the final bad-image line.
         strict: refuse a source with any problem (damaged or skipped documents, missing files,
             category_ids that are not leaves of the taxonomy) instead of reporting it.
@@ -228,6 +246,16 @@ def extract_features(
         "taxonomy_fingerprint": tax.fingerprint,
     }
     dim = int(model.num_features)
+    shape_meta: dict[str, Any] = {}
+    if top_stages < 0:
+        raise ValueError(f"top_stages must be >= 0, got {top_stages}")
+    if top_stages:
+        from hierclass.models.trunk import checked_split
+
+        shape = checked_split(model, top_stages, tuple(settings["data_config"]["input_size"]))[2]
+        dim = int(np.prod(shape))
+        settings["top_stages"] = int(top_stages)
+        shape_meta = {"map_shape": list(shape), "num_features": int(model.num_features)}
     del model
     with _exclusive(out):  # one writer per folder
         resumed = (out / "meta.json").is_file()
@@ -246,7 +274,13 @@ def extract_features(
                 return store
         else:
             leaf = tax.encode(np.asarray(source.category_ids, dtype=np.int64)[product_row], unknown=-1)
-            meta = {**settings, "taxonomy_source": tax.source, "n_products": len(source), "source_problems": problems}
+            meta = {
+                **settings,
+                **shape_meta,
+                "taxonomy_source": tax.source,
+                "n_products": len(source),
+                "source_problems": problems,
+            }
             store = FeatureStore.create(
                 out, dim=dim, product_id=product_id, image_number=image_number, leaf=leaf, meta=meta, views=views
             )
@@ -258,6 +292,7 @@ def extract_features(
             image_size=image_size,
             onnx_path=out / ONNX_FILE if engine is Engine.onnx else None,
             crop_pct=crop_pct,
+            top_stages=top_stages,
         )
         pending = store.pending
         dataset = ImageDataset(source, extractor.transform(), product_row[pending], image_number[pending])
@@ -387,9 +422,9 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 def _check_same_settings(store: FeatureStore, settings: dict[str, Any]) -> None:
     stored = {key: store.meta.get(key) for key in SETTINGS}
-    differ = [key for key in SETTINGS if stored[key] != settings[key]]
+    differ = [key for key in SETTINGS if stored[key] != settings.get(key)]
     if differ:
-        changes = "; ".join(f"{key} {stored[key]!r} -> {settings[key]!r}" for key in differ[:3])
+        changes = "; ".join(f"{key} {stored[key]!r} -> {settings.get(key)!r}" for key in differ[:3])
         raise FeatureStoreError(
             f"{store.root}: holds features made with other settings ({changes}); "
             "rerun with the same options to resume it, or pass another --out folder"

@@ -708,15 +708,6 @@ def check_store(store: FeatureStore, classifiers: Mapping[str, Classifier], run:
 
     taxonomy = next(iter(classifiers.values())).taxonomy
     store.check_taxonomy(taxonomy.fingerprint, f"the taxonomy {taxonomy.source}")
-    for clf in classifiers.values():
-        for head, meta in clf.meta.items():
-            width = (meta.get("head") or {}).get("dim")
-            if width is not None and int(width) != store.dim:
-                where = f"the {head} head of {run}" if run is not None else f"the {head} head"
-                raise FeatureStoreError(
-                    f"{store.root}: features are {store.dim} wide but {where} takes {int(width)}; "
-                    "extract the features with the backbone the run was trained on"
-                )
     trained = backbone_config(features_meta(classifiers))
     here = backbone_config(store.meta)
     if trained and here != trained:
@@ -726,6 +717,15 @@ def check_store(store: FeatureStore, classifiers: Mapping[str, Classifier], run:
             f"({', '.join(f'{k}={here.get(k)!r} vs {trained.get(k)!r}' for k in diff)}); "
             "extract the features with the run's backbone"
         )
+    for clf in classifiers.values():
+        for head, meta in clf.meta.items():
+            width = (meta.get("head") or {}).get("dim")
+            if width is not None and int(width) != store.dim:
+                where = f"the {head} head of {run}" if run is not None else f"the {head} head"
+                raise FeatureStoreError(
+                    f"{store.root}: features are {store.dim} wide but {where} takes {int(width)}; "
+                    "extract the features with the backbone the run was trained on"
+                )
 
 
 def training_holdout(store: FeatureStore, classifiers: Mapping[str, Classifier]) -> np.ndarray | None:

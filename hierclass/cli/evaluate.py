@@ -216,6 +216,7 @@ def open_features(
             "engine": trained.get("engine", "onnx"),
             "image_size": int(size[-1]) if size else None,
             "hflip": tta,
+            **({"top_stages": int(trained["top_stages"])} if trained.get("top_stages") else {}),
         }
         cache = cache or features_cache_dir(run, data, settings)
         typer.echo(f"extracting {data} with {trained['backbone']} into {cache} (reused when run again)")
@@ -228,6 +229,7 @@ def open_features(
             engine=settings["engine"],
             image_size=settings["image_size"],
             hflip=tta,
+            top_stages=settings.get("top_stages", 0),
             progress=progress,
             strict=strict,
         )

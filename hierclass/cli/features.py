@@ -31,12 +31,21 @@ def extract_features_command(
     hflip: Annotated[
         bool, typer.Option(help="Also store features of flipped images (test-time augmentation).")
     ] = False,
+    top_stages: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="0: pooled features. N: the map below the backbone's last N stages, for models that train those "
+            "stages (CNN tops; about C*H*W*2 bytes per image).",
+        ),
+    ] = 0,
     progress: Progress = True,
     strict: Annotated[
         bool, typer.Option(help="Fail on any problem of the source instead of skipping and reporting it.")
     ] = False,
 ) -> None:
-    """Extract pooled backbone features of every image, resumably, into a feature folder."""
+    """Extract backbone features of every image (pooled, or trunk maps with --top-stages), resumably, into a
+    feature folder."""
     from hierclass.features import extract_features
     from hierclass.outputs import check_writable_dir
 
@@ -52,6 +61,7 @@ def extract_features_command(
         batch_size=batch_size,
         workers=workers,
         hflip=hflip,
+        top_stages=top_stages,
         progress=progress,
         strict=strict,
     )
@@ -61,7 +71,11 @@ def extract_features_command(
     size = store.meta["data_config"]["input_size"][-1]
     typer.echo(f"features     {out}  ({store.meta['backbone']}, {store.meta['pretrained']}, {size} px)")
     typer.echo(f"images       {store.n_images}  ({int(store.valid.sum())} ok, {store.meta['n_bad']} bad)")
-    typer.echo(f"dim          {store.dim}  views {', '.join(store.meta['views'])}")
+    shape = store.meta.get("map_shape")
+    what = f"{store.dim}" + (
+        f" (maps {'x'.join(map(str, shape))}, top stages {store.meta['top_stages']})" if shape else ""
+    )
+    typer.echo(f"dim          {what}  views {', '.join(store.meta['views'])}")
     if run.get("already_complete"):
         typer.echo("this run     nothing to do: the folder was complete")
     else:

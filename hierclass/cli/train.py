@@ -17,14 +17,24 @@ from typing import Annotated, Any
 import typer
 
 from hierclass.cli.app import command, fail
-from hierclass.config import CLASS_BALANCE, SOLVERS, TrainConfig, read_train_config, train_config_fields
+from hierclass.config import (
+    BN_MODES,
+    CLASS_BALANCE,
+    INIT_FROM,
+    SOLVERS,
+    TrainConfig,
+    read_train_config,
+    train_config_fields,
+)
 from hierclass.errors import HierclassError
 from hierclass.run import Run
 from hierclass.taxonomy import Taxonomy
 
 Solver = Enum("Solver", {s: s for s in SOLVERS}, type=str)  # type: ignore[misc]
 ClassBalance = Enum("ClassBalance", {s: s for s in CLASS_BALANCE}, type=str)  # type: ignore[misc]
-_CHOICES: dict[str, type] = {"solver": Solver, "class_balance": ClassBalance}
+BnMode = Enum("BnMode", {s: s for s in BN_MODES}, type=str)  # type: ignore[misc]
+InitFrom = Enum("InitFrom", {s: s for s in INIT_FROM}, type=str)  # type: ignore[misc]
+_CHOICES: dict[str, type] = {"solver": Solver, "class_balance": ClassBalance, "bn": BnMode, "init_from": InitFrom}
 _OWN_OPTIONS = ("progress", "expert_other")  # declared by hand below
 
 FeaturesDir = Annotated[

@@ -424,6 +424,12 @@ def build_head(config: dict[str, Any], taxonomy: Taxonomy) -> nn.Module:
         ValueError: unknown kind, or the class count does not fit the taxonomy.
     """
     kind = config.get("kind")
+    if "top" in config:  # a CNN top on trunk maps (hierclass.models.tops)
+        from hierclass.models.tops import build_top
+
+        if int(config.get("n_classes", -1)) != (taxonomy.n_level1 if kind == "router" else taxonomy.n_leaves):
+            raise ValueError(f"the {kind} top has {config.get('n_classes')} classes; the taxonomy differs")
+        return build_top(config, taxonomy)
     common = {"hidden": config.get("hidden"), "dropout": float(config.get("dropout", 0.0))}
     common["activation"] = config.get("activation", "gelu")
     n = {"router": taxonomy.n_level1, "flat": taxonomy.n_leaves, "experts": taxonomy.n_leaves}.get(str(kind))
