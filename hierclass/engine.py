@@ -574,6 +574,39 @@ def train_one_epoch(
     return total / max(1, seen), step
 
 
+RESUME_FILE = "resume.pt"  # the AdamW state after the last finished epoch, removed when training ends
+
+
+def _resume_key(task: Task, fit: Split, config: TrainConfig) -> str:
+    """What a saved training state must match to be continued: the task, the training rows and the config."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("progress", "eval_batch_size")}
+    digest.update(json.dumps([task.kind, task.branch, task.other, settings], sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(fit.rows).tobytes())
+    digest.update(str(fit.store.root.resolve()).encode())
+    return digest.hexdigest()[:16]
+
+
+def _save_resume(path: Path, state: dict[str, Any]) -> None:
+    from hierclass.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_resume(path: Path | None, key: str) -> dict[str, Any] | None:
+    """The state saved by an interrupted training with the same ``key``, else None (a stale file is ignored)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
+    except Exception:  # noqa: BLE001 (a damaged state file is restarted from scratch, not an error)
+        return None
+    return state if isinstance(state, dict) and state.get("key") == key else None
+
+
 def fit_adamw(
     model: nn.Module,
     task: Task,
@@ -583,16 +616,40 @@ def fit_adamw(
     weights: Tensor | None,
     sample_p: np.ndarray | None,
     log: _Log,
+    resume: Path | None = None,
 ) -> dict[str, Any]:
-    """Minibatch AdamW with warm-up and cosine decay; keeps the epoch with the best holdout accuracy."""
+    """Minibatch AdamW with warm-up and cosine decay; keeps the epoch with the best holdout accuracy.
+
+    With ``resume`` (a file path), the whole training state (model, best model, optimizer, step, epoch,
+    random generators) is saved there after every epoch; a training killed midway and started again with
+    the same task, data and config continues from its last finished epoch and ends with the same weights
+    as one that was never interrupted. The file is removed when training ends.
+    """
     epochs, patience = auto_epochs(config, len(fit), tops=hasattr(model, "pretrained_parameters"))
     optimizer = _adamw(model, config)
     rng = np.random.default_rng(config.seed)
     total_steps = math.ceil(len(fit) / config.batch_size) * epochs
-    step, since_best, epochs_run = 0, 0, 0
+    step, since_best, epochs_run, first = 0, 0, 0, 1
     best: Scores | None = None
     best_epoch, best_state, best_loss = 0, None, float("nan")
-    for epoch in range(1, epochs + 1):
+    key = _resume_key(task, fit, config)
+    state = _load_resume(resume, key)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["rng"]
+        if fit.flip is not None and state.get("flip_rng") is not None:
+            fit.flip.bit_generator.state = state["flip_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        step, since_best, epochs_run, best_epoch = state["step"], state["since_best"], state["epoch"], state["best_epoch"]
+        best_state, best_loss, first = state["best_state"], state["best_loss"], state["epoch"] + 1
+        if state.get("best_scores") is not None:
+            loss, correct, scored = state["best_scores"]
+            best = Scores(loss, np.asarray(correct), np.asarray(scored))
+        log.say(f"resuming from epoch {state['epoch']}/{epochs} ({resume})")
+    for epoch in range(first, epochs + 1):
+        if patience and since_best >= patience:
+            break
         t0 = time.perf_counter()
         train_loss, step = train_one_epoch(
             model, task, fit, optimizer, config, rng, step, total_steps, weights, sample_p, f"{log.what} {epoch}"
@@ -614,8 +671,25 @@ def fit_adamw(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             since_best += 1
-            if patience and since_best >= patience:
-                break
+        if resume is not None and epoch < epochs:
+            _save_resume(
+                resume,
+                {
+                    "key": key,
+                    "epoch": epoch,
+                    "step": step,
+                    "since_best": since_best,
+                    "best_epoch": best_epoch,
+                    "best_loss": best_loss,
+                    "best_scores": None if best is None else (best.loss, best.correct.tolist(), best.scored.tolist()),
+                    "model": model.state_dict(),
+                    "best_state": best_state,
+                    "optimizer": optimizer.state_dict(),
+                    "rng": rng.bit_generator.state,
+                    "flip_rng": fit.flip.bit_generator.state if fit.flip is not None else None,
+                    "torch_rng": torch.get_rng_state(),
+                },
+            )
     assert best_state is not None
     model.load_state_dict(best_state)
     warnings = []
@@ -764,10 +838,12 @@ def train_head(
     if n_hold == 0:
         log.say(f"no product of the training set could be held out (--holdout {config.holdout}): nothing is tuned")
     hold_or_none = hold if n_hold else None
+    resume: Path | None = None
     if solver == "lbfgs":
         info = fit_lbfgs(model, task, fit, hold_or_none, config, weights, log)
     else:
-        info = fit_adamw(model, task, fit, hold_or_none, config, weights, sample_p, log)
+        resume = out_dir / (RESUME_FILE if b is None else f"resume-{b}.pt")
+        info = fit_adamw(model, task, fit, hold_or_none, config, weights, sample_p, log, resume)
     for warning in info["warnings"]:
         log.say(f"warning: {warning}")
 
@@ -810,6 +886,8 @@ def train_head(
             "metrics": final,
         }
         save_model(out_dir, model, meta)
+    if resume is not None:
+        resume.unlink(missing_ok=True)  # the saved head is the result; nothing is left to resume
     return final
 
 

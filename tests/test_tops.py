@@ -181,3 +181,37 @@ def test_cli_trains_tops_and_refuses_a_wrong_cut(stores: dict[str, FeatureStore]
     args = ["train-flat", "--train", str(stores["maps"].root), "--run", str(tmp_path / "r2"), "--solver", "lbfgs"]
     result = runner.invoke(app, args)
     assert result.exit_code == 1 and "lbfgs" in result.stderr and "CNN tops" in result.stderr
+
+
+def test_killed_training_resumes_to_the_same_weights(
+    stores: dict[str, FeatureStore], catalogue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    from hierclass import engine
+
+    tax = Taxonomy.from_csv(catalogue.taxonomy)
+    config = TrainConfig(epochs=3, patience=0, batch_size=32, dropout=0.2, progress=False)
+    whole = train_head("flat", stores["maps"], None, tax, config, tmp_path / "whole")
+    assert not (tmp_path / "whole" / engine.RESUME_FILE).exists()
+
+    real_score, calls = engine.score, []
+
+    def killed_in_epoch_2(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a kill after epoch 1's state was saved
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "score", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_head("flat", stores["maps"], None, tax, config, tmp_path / "killed")
+    assert (tmp_path / "killed" / engine.RESUME_FILE).is_file() and not (tmp_path / "killed" / "meta.json").exists()
+    monkeypatch.setattr(engine, "score", real_score)
+    lines: list[str] = []
+    again = train_head("flat", stores["maps"], None, tax, config, tmp_path / "killed", echo=lines.append)
+    assert any("resuming from epoch 1/3" in line for line in lines)
+    assert again["best_epoch"] == whole["best_epoch"] and again["holdout_acc"] == whole["holdout_acc"]
+    a, _ = load_model(tmp_path / "whole", tax)
+    b, _ = load_model(tmp_path / "killed", tax)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    assert not (tmp_path / "killed" / engine.RESUME_FILE).exists()
