@@ -113,17 +113,22 @@ class Task:
             return FlatHead(dim, self.taxonomy.n_leaves, hidden=config.hidden, dropout=config.dropout)
         return ExpertHeads(dim, self.taxonomy, hidden=config.hidden, dropout=config.dropout, other=self.other)
 
+    def _index(self, name: str, device: torch.device) -> Tensor:
+        """A taxonomy index array (``leaf_level1``, ``leaf_local``, ``branch_sizes``) as a tensor on ``device``."""
+        return torch.as_tensor(getattr(self.taxonomy, name), device=device)
+
     def log_probs(self, model: nn.Module, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """Log-probabilities over each sample's admissible classes and the target column in them.
 
         Router and flat: a softmax over all classes. Experts: each sample's own branch only
         (branch-local columns; ``-inf`` past the branch's size), so the loss of an image
-        touches its own expert only.
+        touches its own expert only. Only ``model(x)`` and, for experts, ``model(x, branch)``
+        are called, so a wrapper such as DistributedDataParallel works unchanged.
         """
         if self.kind != "experts":
             return F.log_softmax(model(x), dim=1), target
-        leaf_branch = model.leaf_branch[target]
-        return F.log_softmax(model.routed_logits(x, leaf_branch), dim=1), model.leaf_local[target]
+        leaf_branch = self._index("leaf_level1", target.device)[target]
+        return F.log_softmax(model(x, leaf_branch), dim=1), self._index("leaf_local", target.device)[target]
 
     def loss(
         self, model: nn.Module, x: Tensor, target: Tensor, smoothing: float = 0.0, weight: Tensor | None = None
@@ -162,12 +167,12 @@ class Task:
             log_probs, local = self.log_probs(model, x, target)
             right = log_probs.argmax(1) == local
             return right, torch.ones_like(right), torch.zeros_like(target)
-        branch = model.leaf_branch[target]
-        scored = model.sizes[branch] > 1
+        branch = self._index("leaf_level1", target.device)[target]
+        scored = self._index("branch_sizes", target.device)[branch] > 1
         if self.branch is not None:
             scored &= branch == self.branch
-        pred = model.routed_logits(x, branch).argmax(1)
-        return pred == model.leaf_local[target], scored, branch
+        pred = model(x, branch).argmax(1)
+        return pred == self._index("leaf_local", target.device)[target], scored, branch
 
     @property
     def n_groups(self) -> int:

@@ -254,8 +254,11 @@ class ExpertHeads(nn.Module):
                 self.b_other = nn.Parameter(torch.empty(b).uniform_(-(h**-0.5), h**-0.5))
 
     # ------------------------------------------------------------------ inference
-    def forward(self, x: Tensor) -> Tensor:
-        """Every expert's logits on every sample, ``[N, n_leaves]`` in leaf order."""
+    def forward(self, x: Tensor, branch: Tensor | None = None) -> Tensor:
+        """Every expert's logits on every sample, ``[N, n_leaves]`` in leaf order; with ``branch`` (one per
+        sample), each sample's own expert only (:meth:`routed_logits`, training)."""
+        if branch is not None:
+            return self.routed_logits(x, branch)
         return self.all_logits(x)[0]
 
     def all_logits(self, x: Tensor) -> tuple[Tensor, Tensor | None]:

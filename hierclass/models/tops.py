@@ -178,8 +178,11 @@ class ExpertTops(_Tops):
             return x.new_zeros((x.shape[0], 1), dtype=torch.float32)
         return self.classifiers[key](self.drop(self.tops[key](self.maps(x))))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Every expert's logits on every sample, ``[N, n_leaves]`` in leaf order."""
+    def forward(self, x: Tensor, branch: Tensor | None = None) -> Tensor:
+        """Every expert's logits on every sample, ``[N, n_leaves]`` in leaf order; with ``branch`` (one per
+        sample), each sample's own expert only (:meth:`routed_logits`, training)."""
+        if branch is not None:
+            return self.routed_logits(x, branch)
         parts = [self.branch_logits(x, b) for b in range(self.n_branches)]
         return torch.cat(parts, 1)
 
