@@ -115,7 +115,7 @@ class Task:
 
     def _index(self, name: str, device: torch.device) -> Tensor:
         """A taxonomy index array (``leaf_level1``, ``leaf_local``, ``branch_sizes``) as a tensor on ``device``."""
-        return torch.as_tensor(getattr(self.taxonomy, name), device=device)
+        return torch.tensor(getattr(self.taxonomy, name), device=device)  # a copy: the arrays are read-only
 
     def log_probs(self, model: nn.Module, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """Log-probabilities over each sample's admissible classes and the target column in them.
