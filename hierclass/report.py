@@ -708,15 +708,6 @@ def check_store(store: FeatureStore, classifiers: Mapping[str, Classifier], run:
 
     taxonomy = next(iter(classifiers.values())).taxonomy
     store.check_taxonomy(taxonomy.fingerprint, f"the taxonomy {taxonomy.source}")
-    trained = backbone_config(features_meta(classifiers))
-    here = backbone_config(store.meta)
-    if trained and here != trained:
-        diff = sorted(k for k in set(trained) | set(here) if trained.get(k) != here.get(k))
-        raise FeatureStoreError(
-            f"{store.root}: features differ from the ones the heads were trained on in {', '.join(diff)} "
-            f"({', '.join(f'{k}={here.get(k)!r} vs {trained.get(k)!r}' for k in diff)}); "
-            "extract the features with the run's backbone"
-        )
     for clf in classifiers.values():
         for head, meta in clf.meta.items():
             width = (meta.get("head") or {}).get("dim")
@@ -726,6 +717,15 @@ def check_store(store: FeatureStore, classifiers: Mapping[str, Classifier], run:
                     f"{store.root}: features are {store.dim} wide but {where} takes {int(width)}; "
                     "extract the features with the backbone the run was trained on"
                 )
+    trained = backbone_config(features_meta(classifiers))
+    here = backbone_config(store.meta)
+    if trained and here != trained:
+        diff = sorted(k for k in set(trained) | set(here) if trained.get(k) != here.get(k))
+        raise FeatureStoreError(
+            f"{store.root}: features differ from the ones the heads were trained on in {', '.join(diff)} "
+            f"({', '.join(f'{k}={here.get(k)!r} vs {trained.get(k)!r}' for k in diff)}); "
+            "extract the features with the run's backbone"
+        )
 
 
 def training_holdout(store: FeatureStore, classifiers: Mapping[str, Classifier]) -> np.ndarray | None:
