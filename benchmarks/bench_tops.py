@@ -81,7 +81,6 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--taxonomy", type=Path, default=FASHION / "category_names.csv")
     parser.add_argument("--dump", type=Path, default=FASHION / "val.bson", help="dump for the extraction rates")
-    parser.add_argument("--extract-images", type=int, default=0, help="0: the whole --dump")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if not args.taxonomy.is_file():

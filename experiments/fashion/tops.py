@@ -11,6 +11,10 @@ schedule, the epoch kept chosen on the training holdout):
 * ``fused``: flat x hierarchical, geometric mean with weight alpha;
 * ``flat x2``: the capacity control, the mean of two flat tops trained with seeds 0 and 1, so
   that a gain of the hierarchy is not just the gain of having more parameters;
+* ``hierarchical, experts from pretrained``: the same router, experts started from the pretrained
+  stage instead (the same budget as the flat top: 4 epochs each);
+* ``flat, 2x epochs``: the budget control, one flat top trained twice as long: the experts start
+  from the trained flat top, so the two-stage model has seen the flat top's epochs and its own;
 * for reference, linear heads on the pooled features of the same frozen backbone (today's default).
 
 Everything chosen is chosen on the holdout carved from train.bson (10% of its products, by each
@@ -61,6 +65,9 @@ def train(work: Path, epochs: int) -> dict[str, float]:
         ("runA", "router", maps, TrainConfig(epochs=epochs, patience=0)),
         ("runA", "experts", maps, TrainConfig(epochs=epochs, patience=0, init_from="flat")),
         ("runB", "flat", maps, TrainConfig(epochs=epochs, patience=0, seed=1)),
+        ("runC", "flat", maps, TrainConfig(epochs=2 * epochs, patience=0)),
+        ("runD", "router", maps, TrainConfig(epochs=epochs, patience=0)),  # the same as runA's (deterministic)
+        ("runD", "experts", maps, TrainConfig(epochs=epochs, patience=0)),
         *((("pooled", kind, pooled, TrainConfig())) for kind in ("flat", "router", "experts")),
     ]
     for run_name, kind, (tr, va), config in plan:
@@ -89,10 +96,14 @@ def evaluate(work: Path) -> dict:
     tax = Taxonomy.from_csv(work / "runA" / "category_names.csv")
     models = load_run(work / "runA", tax)
     models["fused"] = FusedClassifier(models["flat"], models["hierarchical"])  # type: ignore[arg-type]
+    if (work / "runD" / "experts" / "meta.json").is_file():
+        models["hierarchical, experts from pretrained"] = load_run(work / "runD", tax)["hierarchical"]
     held = training_holdout(train_maps, models)
     calibrate(models, train_maps, tune_fused=True, rows=held)
     second = {"flat": FlatClassifier.from_run(work / "runB", tax)}
     calibrate(second, train_maps, rows=training_holdout(train_maps, second))
+    longer = {"flat": FlatClassifier.from_run(work / "runC", tax)}
+    calibrate(longer, train_maps, rows=training_holdout(train_maps, longer))
     report = evaluate(
         models,
         val_maps,
@@ -107,6 +118,7 @@ def evaluate(work: Path) -> dict:
     y = leaf[rows]
     proba = {name: clf.predict_proba(feats) for name, clf in models.items()}
     proba["flat x2"] = (proba["flat"] + second["flat"].predict_proba(feats)) / 2
+    proba["flat, 2x epochs"] = longer["flat"].predict_proba(feats)
     pooled = load_run(work / "pooled", tax)
     val_pooled = FeatureStore.open(work / "pooled-val")
     if not np.array_equal(np.asarray(val_pooled.product_id)[rows], np.asarray(val_maps.product_id)[rows]):
@@ -124,6 +136,7 @@ def evaluate(work: Path) -> dict:
             "mistake_severity": float(mistake_severity(y, pred, tax)),
             "vs_flat": paired_comparison(correct[name], correct["flat"]),
             "vs_flat_x2": paired_comparison(correct[name], correct["flat x2"]),
+            "vs_flat_2x_epochs": paired_comparison(correct[name], correct["flat, 2x epochs"]),
         }
     out["settings"] = {name: report[name]["settings"] for name in models}
     out["splits"] = report["meta"]["splits"]
@@ -135,12 +148,14 @@ def markdown(results: dict) -> str:
         return f"{100 * c['diff']:+.2f} [{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}]"
 
     lines = [
-        "| model | leaf top-1 | vs flat top (95% CI) | vs flat x2 (95% CI) | level-1 | mistake severity |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model | leaf top-1 | vs flat top (95% CI) | vs flat x2 (95% CI) | vs flat, 2x epochs (95% CI) | level-1 "
+        "| mistake severity |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, m in results["models"].items():
         lines.append(
             f"| {name} | {m['leaf_top1']:.4f} | {ci(m['vs_flat'])} | {ci(m['vs_flat_x2'])} | "
+            f"{ci(m['vs_flat_2x_epochs'])} | "
             f"{m['level1']:.4f} | {m['mistake_severity']:.3f} |"
         )
     return "\n".join(lines) + "\n"
