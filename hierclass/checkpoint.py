@@ -46,31 +46,6 @@ RUN_SPECIFIC_FEATURE_KEYS = frozenset(
 )
 """Feature-store meta fields that describe one extraction run, not how features are made."""
 
-BACKBONE_KEYS = frozenset(
-    {
-        "backbone",
-        "model",
-        "pretrained",
-        "weights",
-        "weights_sha256",
-        "pretrained_sha256",
-        "image_size",
-        "input_size",
-        "preprocess",
-        "preprocessing",
-        "data_config",
-        "mean",
-        "std",
-        "interpolation",
-        "crop_pct",
-        "pool",
-        "dim",
-        "top_stages",
-        "map_shape",
-    }
-)
-"""Feature-store meta fields that decide what a feature vector means; heads refuse a mismatch."""
-
 
 def feature_config(store_meta: Mapping[str, Any]) -> dict[str, Any]:
     """A feature store's meta without its run-specific fields (what a checkpoint keeps)."""
@@ -78,8 +53,10 @@ def feature_config(store_meta: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def backbone_config(store_meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The fields of a feature store's meta that decide what a feature means (backbone, preprocessing, dim)."""
-    return {k: v for k, v in store_meta.items() if k in BACKBONE_KEYS or k.startswith("backbone")}
+    """The fields of a meta that decide what a feature means (:meth:`hierclass.spec.FeatureSpec.identity`)."""
+    from hierclass.spec import FeatureSpec
+
+    return FeatureSpec.from_meta(store_meta).identity()
 
 
 def class_order(kind: str, taxonomy: Taxonomy) -> list[Any]:

@@ -28,10 +28,10 @@ the router picked by mistake and that says "not mine" hands the mass to the othe
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -524,7 +524,110 @@ class FusedClassifier(_Classifier):
         return self
 
 
-Classifier = FlatClassifier | HierarchicalClassifier | FusedClassifier
+class EnsembleClassifier(_Classifier):
+    """The mean of several models' leaf probabilities; each member reads its own features.
+
+    Members may use different backbones or cuts: member ``i`` reads ``features[i]``, the rows of
+    :class:`FeatureStores` member ``i`` (the same images in the same order).
+
+    Args:
+        members: classifiers of one taxonomy.
+    """
+
+    def __init__(self, members: list[Classifier]) -> None:
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        if any(m.taxonomy.fingerprint != members[0].taxonomy.fingerprint for m in members):
+            raise ValueError("the members of an ensemble must share one taxonomy")
+        self.members = list(members)
+        self.taxonomy = members[0].taxonomy
+        self.batch_size = min(m.batch_size for m in members)
+        self.meta: dict = {}
+
+    def predict_proba(self, features: Sequence[np.ndarray]) -> np.ndarray:  # type: ignore[override]
+        """The members' mean probabilities ``[N, n_leaves]``; ``features[i]`` feeds member ``i``."""
+        if len(features) != len(self.members):
+            raise ValueError(f"{len(features)} feature arrays for {len(self.members)} members")
+        out = self.members[0].predict_proba(features[0])
+        for member, x in zip(self.members[1:], features[1:], strict=True):
+            out += member.predict_proba(x)
+        return out / np.float32(len(self.members))
+
+
+class _StackedFeatures:
+    """Row selection over several feature arrays at once: ``stacked[rows]`` is one array per member."""
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        self.arrays = arrays
+
+    def __getitem__(self, rows) -> tuple[np.ndarray, ...]:
+        return tuple(a[rows] for a in self.arrays)
+
+    def __len__(self) -> int:
+        return len(self.arrays[0])
+
+
+class FeatureStores:
+    """Several feature stores of the same images, read together by an :class:`EnsembleClassifier`.
+
+    It offers what :func:`predict_store` and the report read of one store (rows, labels,
+    products, validity, views); ``features(view)[rows]`` gives one array per member.
+
+    Raises:
+        ValueError: the stores do not list the same images in the same order.
+    """
+
+    def __init__(self, stores: list) -> None:
+        first = stores[0]
+        for other in stores[1:]:
+            if not (
+                np.array_equal(other.product_id, first.product_id)
+                and np.array_equal(other.image_number, first.image_number)
+            ):
+                raise ValueError(
+                    f"{other.root} and {first.root} hold different images; extract every member's features "
+                    "from the same source"
+                )
+        self.stores = list(stores)
+        self.root = first.root
+        self.product_id, self.image_number, self.leaf = first.product_id, first.image_number, first.leaf
+        self.valid = np.logical_and.reduce([s.valid for s in stores])
+        views = [v for v in first.meta.get("views", ["orig"]) if all(v in s.meta.get("views", []) for s in stores)]
+        self.meta = {**first.meta, "views": views, "members": [str(s.root) for s in stores]}
+
+    @property
+    def n_images(self) -> int:
+        return len(self.product_id)
+
+    def features(self, view: str = "orig") -> _StackedFeatures:
+        return _StackedFeatures([s.features(view) for s in self.stores])
+
+
+Classifier = FlatClassifier | HierarchicalClassifier | FusedClassifier | EnsembleClassifier
+
+
+def settings_of(clf: Classifier) -> dict[str, Any]:
+    """How a classifier is configured, for the report."""
+    if isinstance(clf, HierarchicalClassifier):
+        return {
+            "type": "hierarchical",
+            "combine": clf.combine,
+            "k": clf.k if clf.combine == "topk" else None,
+            "router_temperature": clf.router_temperature,
+            "expert_temperature": clf.expert_temperature,
+        }
+    if isinstance(clf, FusedClassifier):
+        return {
+            "type": "fused",
+            "alpha": clf.alpha,
+            "flat": settings_of(clf.flat),
+            "hierarchical": settings_of(clf.hierarchical),
+        }
+    if isinstance(clf, FlatClassifier):
+        return {"type": "flat", "temperature": clf.temperature}
+    if isinstance(clf, EnsembleClassifier):
+        return {"type": "ensemble", "members": [settings_of(m) for m in clf.members]}
+    return {"type": type(clf).__name__}
 
 
 # ---------------------------------------------------------------------------- products

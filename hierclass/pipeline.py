@@ -27,8 +27,8 @@ from hierclass.errors import HierclassError
 from hierclass.features import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, extract_features
 from hierclass.featurestore import FeatureStore, write_json_atomic
 from hierclass.inference import FlatClassifier, FusedClassifier, HierarchicalClassifier
-from hierclass.report import calibrate, calibration_record, evaluate, training_holdout, write_report
-from hierclass.run import Run
+from hierclass.report import evaluate, write_report
+from hierclass.run import Run, calibrate, calibration_record, training_holdout
 from hierclass.taxonomy import Taxonomy
 
 KINDS = ("router", "experts", "flat")

@@ -48,19 +48,17 @@ from typing import Any
 import numpy as np
 
 from hierclass.atomic import atomic_open
-from hierclass.data.splits import holdout_mask
-from hierclass.errors import CheckpointError
 from hierclass.featurestore import FeatureStore, FeatureStoreError, write_json_atomic
 from hierclass.inference import (
     Aggregation,
     Classifier,
-    FlatClassifier,
-    FusedClassifier,
     HierarchicalClassifier,
     Predictions,
     predict_store,
+    settings_of,
 )
 from hierclass.metrics import N_BINS, abstention_depth, branch_confusion, paired_comparison, summarize
+from hierclass.run import check_store, early_stopping_source
 from hierclass.taxonomy import Taxonomy
 
 RESERVED = ("meta",)
@@ -86,28 +84,6 @@ PLOTS = {
     "reliability": "reliability.png",
     "coverage": "coverage.png",
 }
-
-
-def settings_of(clf: Classifier) -> dict[str, Any]:
-    """How a classifier is configured, for the report."""
-    if isinstance(clf, HierarchicalClassifier):
-        return {
-            "type": "hierarchical",
-            "combine": clf.combine,
-            "k": clf.k if clf.combine == "topk" else None,
-            "router_temperature": clf.router_temperature,
-            "expert_temperature": clf.expert_temperature,
-        }
-    if isinstance(clf, FusedClassifier):
-        return {
-            "type": "fused",
-            "alpha": clf.alpha,
-            "flat": settings_of(clf.flat),
-            "hierarchical": settings_of(clf.hierarchical),
-        }
-    if isinstance(clf, FlatClassifier):
-        return {"type": "flat", "temperature": clf.temperature}
-    return {"type": type(clf).__name__}
 
 
 def evaluate(
@@ -185,20 +161,14 @@ def evaluate(
     return report
 
 
-def calibration_record(store: FeatureStore, rows: np.ndarray | None = None) -> dict[str, Any]:
-    """What :func:`evaluate` records of a calibration done by :func:`calibrate` on ``store`` with ``rows``."""
-    use = store.valid & (store.leaf >= 0)
-    if rows is not None:
-        use &= np.asarray(rows, dtype=bool)
-    return {"store": str(store.root), "rows": "all" if rows is None else "holdout", "n_images": int(use.sum())}
-
-
 def splits_record(
     classifiers: Mapping[str, Classifier], store: FeatureStore, calibration: Mapping[str, Any] | None
 ) -> dict[str, str]:
     """Which images chose what: the heads' settings, the temperatures and fusion weights, the scores."""
     if calibration is None:
         calibrated = "not fitted (temperatures 1, fusion weight as given)"
+    elif calibration["rows"] == "mixed":
+        calibrated = f"each member of the ensemble on its own split: {calibration['store']}"
     elif calibration["rows"] == "holdout":
         calibrated = f"the {calibration['n_images']} held-out images of the training set {calibration['store']}"
     else:
@@ -637,192 +607,6 @@ def write_plots(report: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
     ax.legend()
     save(fig, "coverage")
     return done
-
-
-# ---------------------------------------------------------------------------- runs
-def load_run(
-    run_dir: str | Path,
-    taxonomy: Taxonomy,
-    *,
-    combine: str = "soft",
-    k: int = 3,
-    batch_size: int = 4096,
-) -> dict[str, Classifier]:
-    """The models of a training run: ``flat`` if ``RUN_DIR/flat`` exists, ``hierarchical`` if
-    ``RUN_DIR/router`` and ``RUN_DIR/experts`` do (either alone is fine).
-
-    Raises:
-        CheckpointError: the run has neither, or a checkpoint does not fit ``taxonomy``.
-    """
-    run_dir = Path(run_dir)
-    models: dict[str, Classifier] = {}
-    if (run_dir / "flat").is_dir():
-        models["flat"] = FlatClassifier.from_run(run_dir, taxonomy, batch_size=batch_size)
-    has = [(run_dir / kind).is_dir() for kind in ("router", "experts")]
-    if all(has):
-        models["hierarchical"] = HierarchicalClassifier.from_run(
-            run_dir, taxonomy, combine=combine, k=k, batch_size=batch_size
-        )  # type: ignore[arg-type]
-    elif any(has):
-        missing = "experts" if has[0] else "router"
-        raise CheckpointError(f"{run_dir}: has no {missing}/ checkpoint; train it (hierclass train-{missing})")
-    if not models:
-        raise CheckpointError(
-            f"{run_dir}: no flat/, router/ or experts/ checkpoint here; pass the RUN_DIR the train commands wrote to"
-        )
-    return models
-
-
-def features_meta(classifiers: Mapping[str, Classifier]) -> dict[str, Any]:
-    """The feature config the heads were trained on (``meta["features"]`` of their checkpoints).
-
-    Raises:
-        CheckpointError: two heads of the run were trained on features of different backbones.
-    """
-    from hierclass.checkpoint import backbone_config
-
-    found: dict[str, Any] | None = None
-    first = ""
-    for clf in classifiers.values():
-        for head, meta in clf.meta.items():
-            feats = meta.get("features") or {}
-            if found is None:
-                found, first = feats, head
-            elif backbone_config(feats) != backbone_config(found):
-                raise CheckpointError(
-                    f"the {head} and {first} heads were trained on features of different backbones "
-                    f"({backbone_config(feats)} vs {backbone_config(found)}); retrain them on the same features"
-                )
-    return found or {}
-
-
-def check_store(store: FeatureStore, classifiers: Mapping[str, Classifier], run: str | Path | None = None) -> None:
-    """Refuse features of another taxonomy, width or backbone than the heads were trained on.
-
-    Args:
-        store: the features to score or calibrate on.
-        classifiers: the models that will read them.
-        run: the run directory the heads come from (named in the error).
-    """
-    from hierclass.checkpoint import backbone_config
-
-    taxonomy = next(iter(classifiers.values())).taxonomy
-    store.check_taxonomy(taxonomy.fingerprint, f"the taxonomy {taxonomy.source}")
-    for clf in classifiers.values():
-        for head, meta in clf.meta.items():
-            width = (meta.get("head") or {}).get("dim")
-            if width is not None and int(width) != store.dim:
-                where = f"the {head} head of {run}" if run is not None else f"the {head} head"
-                raise FeatureStoreError(
-                    f"{store.root}: features are {store.dim} wide but {where} takes {int(width)}; "
-                    "extract the features with the backbone the run was trained on"
-                )
-    trained = backbone_config(features_meta(classifiers))
-    here = backbone_config(store.meta)
-    if trained and here != trained:
-        diff = sorted(k for k in set(trained) | set(here) if trained.get(k) != here.get(k))
-        raise FeatureStoreError(
-            f"{store.root}: features differ from the ones the heads were trained on in {', '.join(diff)} "
-            f"({', '.join(f'{k}={here.get(k)!r} vs {trained.get(k)!r}' for k in diff)}); "
-            "extract the features with the run's backbone"
-        )
-
-
-def training_holdout(store: FeatureStore, classifiers: Mapping[str, Classifier]) -> np.ndarray | None:
-    """The image rows of ``store`` that the heads held out of their training, when ``store`` is their training set.
-
-    Every head records the holdout it carved from its training features (``training.holdout``:
-    fraction and seed of :func:`hierclass.data.splits.holdout_mask`) and how many labelled images
-    it trained and early-stopped on. ``store`` is taken for the training set when the same
-    holdout drawn on it gives the flat and router heads those same counts.
-
-    Returns:
-        A boolean mask over the store's rows (True: held out), or None when a head records no
-        holdout, the heads disagree on it, or ``store`` is not what they were trained on.
-    """
-    spec: dict[str, Any] | None = None
-    for clf in classifiers.values():
-        for meta in clf.meta.values():
-            held = (meta.get("training") or {}).get("holdout")
-            if not held or (spec is not None and held != spec):
-                return None
-            spec = held
-    if spec is None:
-        return None
-    mask = holdout_mask(store.product_id, store.leaf, fraction=spec["fraction"], seed=spec["seed"])
-    labelled = store.valid & (store.leaf >= 0)
-    checked = 0
-    for clf in classifiers.values():
-        for head, meta in clf.meta.items():
-            metrics = meta.get("metrics") or {}
-            if head in ("flat", "router") and "n_holdout" in metrics:
-                if (int((labelled & mask).sum()), int((labelled & ~mask).sum())) != (
-                    metrics["n_holdout"],
-                    metrics["n_train"],
-                ):
-                    return None
-                checked += 1
-    return mask if checked and (labelled & mask).any() else None
-
-
-def early_stopping_source(classifiers: Mapping[str, Classifier]) -> str | None:
-    """What the heads chose their training settings (L2 strength, epoch) on, as they recorded it."""
-    sources = {
-        (meta.get("metrics") or {}).get("holdout_source") for clf in classifiers.values() for meta in clf.meta.values()
-    } - {None}
-    return "; ".join(sorted(sources)) or None
-
-
-def calibrate(
-    models: Mapping[str, Classifier],
-    store: FeatureStore,
-    *,
-    tune_fused: bool = True,
-    rows: np.ndarray | None = None,
-) -> dict[str, Any]:
-    """Fit every model's temperatures (and fused alphas) on labelled features, in place.
-
-    Flat and hierarchical models get their temperatures (:meth:`FlatClassifier.calibrate`,
-    :meth:`HierarchicalClassifier.calibrate`) first; then each fused model's ``alpha`` is
-    chosen by NLL over its (calibrated) parts when ``tune_fused``.
-
-    Fit them on images the heads were not trained on and that will not be scored: the
-    holdout of the training set (``rows=training_holdout(train_store, models)``) is both.
-
-    Args:
-        models: the models to calibrate.
-        store: the features to fit on.
-        tune_fused: also choose each fused model's ``alpha``.
-        rows: a boolean mask over the store's rows: fit on these only (default: every labelled row).
-
-    Returns:
-        What was fitted, per model (also in each model's ``settings`` in the report).
-    """
-    check_store(store, models)
-    features = store.features()
-    use = store.valid if rows is None else store.valid & np.asarray(rows, dtype=bool)
-    if rows is not None and len(rows) != store.n_images:
-        raise ValueError(f"rows has {len(rows)} entries but {store.root} has {store.n_images} images")
-    leaf = np.where(use, store.leaf, -1)
-    if not (leaf >= 0).any():
-        raise FeatureStoreError(f"{store.root}: no labelled images to calibrate on among the rows given")
-    fitted: dict[str, Any] = {}
-    done: set[int] = set()
-    for name, clf in models.items():
-        if isinstance(clf, (FlatClassifier, HierarchicalClassifier)) and id(clf) not in done:
-            clf.calibrate(features, leaf)
-            done.add(id(clf))
-            fitted[name] = settings_of(clf)
-    for name, clf in models.items():
-        if isinstance(clf, FusedClassifier):
-            for part in (clf.flat, clf.hierarchical):
-                if id(part) not in done:
-                    part.calibrate(features, leaf)
-                    done.add(id(part))
-            if tune_fused:
-                clf.fit_alpha(features, leaf)
-            fitted[name] = settings_of(clf)
-    return fitted
 
 
 # ---------------------------------------------------------------------------- predictions CSV

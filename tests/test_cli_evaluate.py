@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from hierclass.data import synthetic_products, write_dump
 from hierclass.engine import KINDS, TrainConfig, train_head
 from hierclass.features import extract_features
 from hierclass.featurestore import FeatureStore
-from hierclass.report import evaluate, load_run
+from hierclass.report import evaluate
+from hierclass.run import Run, load_models
 from hierclass.synthetic import write_synthetic_store
 from hierclass.taxonomy import Taxonomy
 
@@ -49,8 +51,14 @@ def test_evaluate_features(run: tuple[Path, Path, Path], tmp_path: Path) -> None
     assert report["fused"]["settings"]["alpha"] == 0.3
 
 
+def own_copy(run_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the shared run for a test that stores a calibration in it."""
+    return Path(shutil.copytree(run_dir, tmp_path / "own-run", symlinks=True))
+
+
 def test_evaluate_calibrated_and_tuned(run: tuple[Path, Path, Path], tmp_path: Path) -> None:
     _, run_dir, val_dir = run
+    run_dir = own_copy(run_dir, tmp_path)
     out = tmp_path / "report"
     args = ["evaluate", "--run", str(run_dir), "--features", str(val_dir), "--out", str(out)]
     result = runner.invoke(app, [*args, "--calibrate", str(val_dir), "--fused-alpha", "auto"])
@@ -65,13 +73,14 @@ def test_evaluate_calibrated_and_tuned(run: tuple[Path, Path, Path], tmp_path: P
     assert min(abs(report["fused"]["settings"]["alpha"] - i / 20) for i in range(21)) < 1e-9
     # calibration does not change which leaf wins for flat (one temperature scales every logit)
     tax = Taxonomy.from_csv(report["meta"]["taxonomy"]["source"])
-    plain = evaluate({"flat": load_run(run_dir, tax)["flat"]}, FeatureStore.open(val_dir))
+    plain = evaluate({"flat": load_models(run_dir, tax)["flat"]}, FeatureStore.open(val_dir))
     assert plain["flat"]["leaf_top1"] == report["flat"]["leaf_top1"]
 
 
 def test_evaluate_calibrated_on_the_training_holdout(run: tuple[Path, Path, Path], tmp_path: Path) -> None:
     _, run_dir, val_dir = run
     train_dir, out = run_dir.parent / "train", tmp_path / "report"
+    run_dir = own_copy(run_dir, tmp_path)
     args = ["evaluate", "--run", str(run_dir), "--features", str(val_dir), "--out", str(out)]
     result = runner.invoke(app, [*args, "--calibrate", str(train_dir), "--fused-alpha", "auto"])
     assert result.exit_code == 0, result.output
@@ -82,6 +91,46 @@ def test_evaluate_calibrated_on_the_training_holdout(run: tuple[Path, Path, Path
     assert report["meta"]["warnings"] == []
     assert report["meta"]["splits"]["calibration"].startswith(f"the {held} held-out images of the training set")
     assert report["flat"]["settings"]["temperature"] != 1.0
+    # the run keeps what was fitted: a later evaluate (and predict, and serve) reads it without --calibrate
+    assert f"kept in {run_dir / 'run.json'}" in result.stdout
+    again = runner.invoke(app, [*args[:-1], str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output
+    later = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert later["meta"]["models"] == ["flat", "hierarchical", "fused"]
+    for name in later["meta"]["models"]:
+        assert later[name]["settings"] == report[name]["settings"]
+        assert later[name]["leaf_top1"] == report[name]["leaf_top1"]
+    assert later["meta"]["splits"]["calibration"] == report["meta"]["splits"]["calibration"]
+    loaded = Run.load(run_dir)
+    assert loaded.models["fused"].alpha == report["fused"]["settings"]["alpha"]  # type: ignore[union-attr]
+    assert Run.load(run_dir, calibrated=False).models["flat"].temperature == 1.0  # type: ignore[union-attr]
+    assert loaded.spec.backbone == json.loads((val_dir / "meta.json").read_text()).get("backbone")
+
+
+def test_ensemble_of_runs(run: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, run_dir, val_dir = run
+    twin = own_copy(run_dir, tmp_path)
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = ["evaluate", "--features", str(val_dir)]
+    assert runner.invoke(app, [*base, "--run", str(run_dir), "--out", str(one)]).exit_code == 0
+    result = runner.invoke(app, [*base, "--run", str(run_dir), "--run", str(twin), "--out", str(two)])
+    assert result.exit_code == 0, result.output
+    single, pair = json.loads((one / "report.json").read_text()), json.loads((two / "report.json").read_text())
+    assert pair["meta"]["run"] == [str(run_dir), str(twin)]
+    assert pair["flat"]["settings"]["type"] == "ensemble" and len(pair["flat"]["settings"]["members"]) == 2
+    for name in ("flat", "hierarchical"):  # the mean of two equal members is that member
+        assert pair[name]["leaf_top1"] == single[name]["leaf_top1"]
+        assert abs(pair[name]["ece"] - single[name]["ece"]) < 1e-6
+    sub = tmp_path / "sub.csv"
+    pred = ["predict", "--run", str(run_dir), "--run", str(twin), "--features", str(val_dir), "--out", str(sub)]
+    assert runner.invoke(app, pred).exit_code == 0
+    alone = tmp_path / "alone.csv"
+    single_pred = ["predict", "--run", str(run_dir), "--features", str(val_dir), "--out", str(alone)]
+    assert runner.invoke(app, single_pred).exit_code == 0
+    assert sub.read_text() == alone.read_text()
+    both = [*base, "--run", str(run_dir), "--run", str(twin), "--out", str(two)]
+    line = one_error_line(runner.invoke(app, [*both, "--calibrate", str(val_dir)]))
+    assert "calibrate each run alone first" in line
 
 
 def test_predict_features(run: tuple[Path, Path, Path], tmp_path: Path) -> None:
@@ -222,6 +271,6 @@ def test_real_cdiscount_sample(cdiscount_taxonomy_csv: Path, cdiscount_sample_bs
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(out.open(encoding="utf-8")))
     assert len(rows) == 82 and all(int(r["category_id"]) in set(tax.leaf_ids.tolist()) for r in rows)
-    report = evaluate(load_run(tmp_path / "run", tax), FeatureStore.open(tmp_path / "f"))  # CLI: tested above
+    report = evaluate(load_models(tmp_path / "run", tax), FeatureStore.open(tmp_path / "f"))  # CLI: tested above
     assert report["hierarchical"]["n_images"] == 110 and report["flat"]["n_products"] == 82
     assert len(report["flat"]["per_branch"]) == 49

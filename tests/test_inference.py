@@ -411,3 +411,29 @@ def test_calibrate_with_other_fits_leaves_and_other_of_the_true_branch() -> None
         np.concatenate([t for _, t in groups]),
     )
     assert hier.expert_temperature == pytest.approx(expected, rel=1e-3)
+
+
+def test_ensemble_averages_members_reading_their_own_features(tmp_path: Path) -> None:
+    from hierclass.inference import EnsembleClassifier, FeatureStores
+    from hierclass.synthetic import write_synthetic_store
+
+    tax = tree(3)
+    narrow = write_synthetic_store(tmp_path / "narrow", tax, n=40, dim=6, seed=1)
+    wide = write_synthetic_store(tmp_path / "wide", tax, n=40, dim=10, seed=1)
+    torch.manual_seed(0)
+    a = FlatClassifier(FlatHead(6, tax.n_leaves), tax)
+    b = FlatClassifier(FlatHead(10, tax.n_leaves), tax, temperature=2.0)
+    both = EnsembleClassifier([a, b])
+    stores = FeatureStores([narrow, wide])
+    images, products = predict_store(both, stores, k=tax.n_leaves)
+    want = (a.predict_proba(narrow.features()) + b.predict_proba(wide.features())) / 2
+    rows = images.ids
+    got_rows = np.zeros((len(rows), tax.n_leaves), np.float32)
+    np.put_along_axis(got_rows, images.topk_leaf, images.topk_prob, axis=1)
+    np.testing.assert_allclose(got_rows, want[rows], atol=1e-6)
+    assert len(products) == len(np.unique(narrow.product_id))
+    other = write_synthetic_store(tmp_path / "other", tax, n=42, dim=6, seed=1)
+    with pytest.raises(ValueError, match="hold different images"):
+        FeatureStores([narrow, other])
+    with pytest.raises(ValueError, match="at least 2 members"):
+        EnsembleClassifier([a])

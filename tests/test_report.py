@@ -11,15 +11,8 @@ from hierclass.engine import KINDS, TrainConfig, train_head
 from hierclass.errors import CheckpointError
 from hierclass.featurestore import FeatureStore, FeatureStoreError
 from hierclass.inference import FusedClassifier, HierarchicalClassifier, Predictions
-from hierclass.report import (
-    check_store,
-    evaluate,
-    fill_missing_products,
-    load_run,
-    submission_rows,
-    write_predictions,
-    write_report,
-)
+from hierclass.report import evaluate, fill_missing_products, submission_rows, write_predictions, write_report
+from hierclass.run import check_store, load_models
 from hierclass.synthetic import write_synthetic_store
 from hierclass.taxonomy import Taxonomy
 
@@ -86,7 +79,7 @@ def test_evaluate_report_keys_and_consistency(run: tuple[Path, Path, Path], tmp_
     tax_csv, run_dir, val_dir = run
     tax = Taxonomy.from_csv(tax_csv)
     store = FeatureStore.open(val_dir)
-    models = load_run(run_dir, tax)
+    models = load_models(run_dir, tax)
     assert list(models) == ["flat", "hierarchical"]
     check_store(store, models)
     hard = HierarchicalClassifier.from_run(run_dir, tax, combine="hard")
@@ -162,29 +155,29 @@ def test_load_run_alone_and_errors(run: tuple[Path, Path, Path], tmp_path: Path)
     tax = Taxonomy.from_csv(tax_csv)
     (tmp_path / "only_flat").mkdir()
     (tmp_path / "only_flat" / "flat").symlink_to(run_dir / "flat")
-    assert list(load_run(tmp_path / "only_flat", tax)) == ["flat"]
+    assert list(load_models(tmp_path / "only_flat", tax)) == ["flat"]
     with pytest.raises(CheckpointError, match="no flat/, router/ or experts/"):
-        load_run(tmp_path, tax)
+        load_models(tmp_path, tax)
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "router").symlink_to(run_dir / "router")
     with pytest.raises(CheckpointError, match="no experts/ checkpoint"):
-        load_run(tmp_path / "half", tax)
+        load_models(tmp_path / "half", tax)
     other = write_synthetic_store(tmp_path / "other", tax, n=10, dim=12, meta={"backbone": "resnet50"})
     with pytest.raises(FeatureStoreError, match="backbone"):
-        check_store(other, load_run(run_dir, tax))
+        check_store(other, load_models(run_dir, tax))
     narrow = write_synthetic_store(tmp_path / "narrow", tax, n=10, dim=8)
     with pytest.raises(FeatureStoreError, match=r"narrow: features are 8 wide but the flat head of .*run takes 12"):
-        check_store(narrow, load_run(run_dir, tax), run_dir)
+        check_store(narrow, load_models(run_dir, tax), run_dir)
     with pytest.raises(FeatureStoreError, match="8 wide"):  # evaluate refuses them too, before any forward pass
-        evaluate(load_run(run_dir, tax), narrow)
+        evaluate(load_models(run_dir, tax), narrow)
     with pytest.raises(FeatureStoreError, match="hflip"):
-        evaluate(load_run(run_dir, tax), FeatureStore.open(val_dir), tta=True)
+        evaluate(load_models(run_dir, tax), FeatureStore.open(val_dir), tta=True)
     with pytest.raises(ValueError, match="reserved"):
-        evaluate({"meta": load_run(run_dir, tax)["flat"]}, FeatureStore.open(val_dir))
+        evaluate({"meta": load_models(run_dir, tax)["flat"]}, FeatureStore.open(val_dir))
     unlabelled = write_synthetic_store(tmp_path / "unlabelled", tax, n=4, dim=12)
     unlabelled.leaf[:] = -1  # the in-memory labels only
     with pytest.raises(FeatureStoreError, match="no labelled images"):
-        evaluate(load_run(run_dir, tax), unlabelled)
+        evaluate(load_models(run_dir, tax), unlabelled)
 
 
 def preds_fixture() -> tuple[Taxonomy, Predictions]:
@@ -218,12 +211,12 @@ def test_fill_missing_products() -> None:
 
 def test_calibration_on_the_training_holdout(run: tuple[Path, Path, Path]) -> None:
     from hierclass.data.splits import holdout_mask
-    from hierclass.report import calibrate, training_holdout
+    from hierclass.run import calibrate, training_holdout
 
     tax_csv, run_dir, val_dir = run
     tax = Taxonomy.from_csv(tax_csv)
     train = FeatureStore.open(run_dir.parent / "train")
-    models = load_run(run_dir, tax)
+    models = load_models(run_dir, tax)
     held = training_holdout(train, models)
     assert held is not None
     np.testing.assert_array_equal(held, holdout_mask(train.product_id, train.leaf, fraction=0.1, seed=0))
@@ -231,7 +224,7 @@ def test_calibration_on_the_training_holdout(run: tuple[Path, Path, Path]) -> No
     assert int((held & train.valid).sum()) == meta["metrics"]["n_holdout"]
     assert training_holdout(FeatureStore.open(val_dir), models) is None  # not what the heads were trained on
     # fitting on the rows given is fitting on those rows alone
-    flat = load_run(run_dir, tax)["flat"]
+    flat = load_models(run_dir, tax)["flat"]
     calibrate({"flat": models["flat"]}, train, rows=held)
     rows = np.flatnonzero(held & train.valid)
     flat.calibrate(np.asarray(train.features())[rows], train.leaf[rows])

@@ -15,9 +15,9 @@ ROWS = [(1, "A", "a, with comma", 'x "quoted"'), (2, "A", "a, with comma", "y"),
 def test_run_copies_its_taxonomy_and_refuses_another(tmp_path: Path) -> None:
     tax = Taxonomy.from_rows(ROWS)
     run = Run(tmp_path / "run")
-    assert run.taxonomy() is None and run.manifest() == {}
+    assert run.taxonomy_copy() is None and run.manifest() == {}
     run.adopt_taxonomy(tax)
-    copy = run.taxonomy()
+    copy = run.taxonomy_copy()
     assert copy is not None and copy.fingerprint == tax.fingerprint and copy.rows == tax.rows
     run.adopt_taxonomy(Taxonomy.from_rows(list(reversed(ROWS))))  # the same taxonomy: fine
     with pytest.raises(HierclassError, match="holds heads of taxonomy .*; train into another run folder"):

@@ -88,16 +88,17 @@ def evaluate(work: Path) -> dict:
     from hierclass.featurestore import FeatureStore
     from hierclass.inference import FlatClassifier, FusedClassifier
     from hierclass.metrics import mistake_severity, paired_comparison
-    from hierclass.report import calibrate, calibration_record, evaluate, load_run, training_holdout, write_report
+    from hierclass.report import evaluate, write_report
+    from hierclass.run import calibrate, calibration_record, load_models, training_holdout
 
     train_maps, val_maps = FeatureStore.open(work / "maps1-train"), FeatureStore.open(work / "maps1-val")
     from hierclass.taxonomy import Taxonomy
 
     tax = Taxonomy.from_csv(work / "runA" / "category_names.csv")
-    models = load_run(work / "runA", tax)
+    models = load_models(work / "runA", tax)
     models["fused"] = FusedClassifier(models["flat"], models["hierarchical"])  # type: ignore[arg-type]
     if (work / "runD" / "experts" / "meta.json").is_file():
-        models["hierarchical, experts from pretrained"] = load_run(work / "runD", tax)["hierarchical"]
+        models["hierarchical, experts from pretrained"] = load_models(work / "runD", tax)["hierarchical"]
     held = training_holdout(train_maps, models)
     calibrate(models, train_maps, tune_fused=True, rows=held)
     second = {"flat": FlatClassifier.from_run(work / "runB", tax)}
@@ -119,7 +120,7 @@ def evaluate(work: Path) -> dict:
     proba = {name: clf.predict_proba(feats) for name, clf in models.items()}
     proba["flat x2"] = (proba["flat"] + second["flat"].predict_proba(feats)) / 2
     proba["flat, 2x epochs"] = longer["flat"].predict_proba(feats)
-    pooled = load_run(work / "pooled", tax)
+    pooled = load_models(work / "pooled", tax)
     val_pooled = FeatureStore.open(work / "pooled-val")
     if not np.array_equal(np.asarray(val_pooled.product_id)[rows], np.asarray(val_maps.product_id)[rows]):
         raise SystemExit("error: the pooled and map stores of val.bson hold different rows; extract both again")

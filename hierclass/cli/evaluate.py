@@ -15,7 +15,8 @@ from hierclass.outputs import check_writable_dir, check_writable_file
 
 if TYPE_CHECKING:  # the commands import these when they run: --help stays fast
     from hierclass.featurestore import FeatureStore
-    from hierclass.inference import Classifier
+    from hierclass.inference import Classifier, FeatureStores
+    from hierclass.run import Run
     from hierclass.taxonomy import Taxonomy
 
 
@@ -37,11 +38,23 @@ class Model(str, Enum):
     fused = "fused"
 
 
-RunDir = Annotated[
-    Path, typer.Option("--run", exists=True, file_okay=False, help="The run directory (RUN/router, experts, flat).")
+RunDirs = Annotated[
+    list[Path],
+    typer.Option(
+        "--run",
+        exists=True,
+        file_okay=False,
+        help="The run directory (RUN/router, experts, flat). Repeat it to average several runs (an ensemble).",
+    ),
 ]
 FeaturesOpt = Annotated[
-    Path | None, typer.Option("--features", exists=True, file_okay=False, help="A feature folder to score.")
+    list[Path] | None,
+    typer.Option(
+        "--features",
+        exists=True,
+        file_okay=False,
+        help="A feature folder to score; with several --run, one for all or one per run, in order.",
+    ),
 ]
 DataOpt = Annotated[
     Path | None,
@@ -82,85 +95,115 @@ CalibrateOpt = Annotated[
 BatchOpt = Annotated[int, typer.Option(min=1, help="Images per forward pass of the heads.")]
 
 
-def resolve_taxonomy(run: Path, taxonomy: Path | None) -> Taxonomy:
-    """The ``--taxonomy`` given, else the run's copy, else the file its checkpoints recorded (if still there)."""
-    from hierclass.checkpoint import read_meta
-    from hierclass.run import Run
-    from hierclass.taxonomy import Taxonomy
-
-    if taxonomy is not None:
-        return Taxonomy.from_csv(taxonomy)
-    copy = Run(run).taxonomy()
-    if copy is not None:
-        return copy
-    for kind in ("flat", "router", "experts"):
-        if (run / kind).is_dir():
-            source = (read_meta(run / kind).get("taxonomy") or {}).get("source")
-            if source and Path(source).is_file():
-                return Taxonomy.from_csv(source)
-            raise fail(f"{run / kind}: the taxonomy it was trained with ({source}) is not there; pass --taxonomy")
-    raise fail(f"{run}: no flat/, router/ or experts/ checkpoint here; pass the RUN_DIR the train commands wrote to")
-
-
-def build_models(
-    run: Path,
-    tax: Taxonomy,
+def load_runs(
+    runs: list[Path],
+    taxonomy: Path | None,
     *,
     combine: Combine,
     k: int,
     batch_size: int,
+    only_flat: bool = False,
+) -> list[Run]:
+    """Load every ``--run``; the first run's taxonomy (or ``--taxonomy``) must fit them all."""
+    from hierclass.run import Run
+    from hierclass.taxonomy import Taxonomy
+
+    tax = Taxonomy.from_csv(taxonomy) if taxonomy is not None else None
+    loaded = []
+    for root in runs:
+        run = Run.load(root, tax, combine=combine.value, k=k, batch_size=batch_size, only_flat=only_flat)
+        tax = run.taxonomy
+        loaded.append(run)
+    return loaded
+
+
+def parse_alpha(fused_alpha: str | None) -> float | None:
+    """``--fused-alpha``: a weight in [0, 1], None for 'auto' or not given."""
+    if fused_alpha is None or fused_alpha.strip().lower() == "auto":
+        return None
+    try:
+        alpha = float(fused_alpha)
+    except ValueError:
+        raise fail(f"--fused-alpha {fused_alpha!r} is not a number; give a in [0, 1] or 'auto'") from None
+    if not 0.0 <= alpha <= 1.0:
+        raise fail(f"--fused-alpha {alpha} is outside [0, 1]; give a in [0, 1] or 'auto'")
+    return alpha
+
+
+def build_models(
+    runs: list[Run],
+    *,
     fused_alpha: str | None,
     calibrate_dir: Path | None,
-    only_flat: bool = False,
 ) -> tuple[dict[str, Classifier], dict[str, Any] | None]:
-    """The run's models, plus ``fused`` when ``fused_alpha`` is given, calibrated on ``calibrate_dir`` if given.
+    """The models to score: each run's, or with several runs, each model's ensemble over the runs.
 
-    With ``only_flat``, the flat model alone (a router/ or experts/ folder left unfinished does not
-    matter). When ``calibrate_dir`` holds the features the run was trained on, only the images its
-    heads held out of training are used.
+    ``fused`` is added when ``fused_alpha`` is given (a weight, or 'auto': tuned on ``calibrate_dir``)
+    or when a run holds a fitted fusion weight. With ``calibrate_dir``, the run's temperatures (and
+    an 'auto' weight) are fitted there first, on the images its heads held out of training when it
+    holds the run's training features, and kept in the run.
 
     Returns:
-        The models and what they were calibrated on (:func:`hierclass.report.calibration_record`; None: not).
+        The models, and where their temperatures were fitted (None: not fitted).
     """
-    from hierclass.featurestore import FeatureStore
-    from hierclass.inference import FlatClassifier, FusedClassifier
-    from hierclass.report import calibrate, load_run
+    from hierclass.inference import EnsembleClassifier, FusedClassifier
 
-    if only_flat and (run / "flat").is_dir():
-        models: dict[str, Classifier] = {"flat": FlatClassifier.from_run(run, tax, batch_size=batch_size)}
-    else:
-        models = load_run(run, tax, combine=combine.value, k=k, batch_size=batch_size)
     auto = fused_alpha is not None and fused_alpha.strip().lower() == "auto"
+    alpha = parse_alpha(fused_alpha)
     if fused_alpha is not None:
-        if set(models) != {"flat", "hierarchical"}:
-            raise fail(f"{run}: a fused model needs both the flat and the hierarchical model")
+        for run in runs:
+            if not {"flat", "hierarchical"} <= set(run.models):
+                raise fail(f"{run.root}: a fused model needs both the flat and the hierarchical model")
         if auto and calibrate_dir is None:
             raise fail("--fused-alpha auto tunes a on labelled features; pass the training features with --calibrate")
-        try:
-            alpha = 0.5 if auto else float(fused_alpha)
-        except ValueError:
-            raise fail(f"--fused-alpha {fused_alpha!r} is not a number; give a in [0, 1] or 'auto'") from None
-        if not 0.0 <= alpha <= 1.0:
-            raise fail(f"--fused-alpha {alpha} is outside [0, 1]; give a in [0, 1] or 'auto'")
-        models["fused"] = FusedClassifier(models["flat"], models["hierarchical"], alpha=alpha)  # type: ignore[arg-type]
-    if calibrate_dir is None:
-        return models, None
-    import numpy as np
+    if calibrate_dir is not None:
+        if len(runs) > 1:
+            raise fail(
+                "--calibrate fits one run; calibrate each run alone first (evaluate --run R --calibrate ...), "
+                "then score them together"
+            )
+        import numpy as np
 
-    from hierclass.report import calibration_record, training_holdout
+        from hierclass.featurestore import FeatureStore
 
-    store = FeatureStore.open(calibrate_dir)
-    if not (np.asarray(store.leaf) >= 0).any():
-        raise fail(f"{calibrate_dir} (--calibrate): no labelled image to calibrate on; pass labelled features")
-    held = training_holdout(store, models)
-    fitted = calibrate(models, store, tune_fused=auto, rows=held)
-    record = calibration_record(store, held)
-    where = "held-out images of the run's training set" if held is not None else "labelled images"
-    typer.echo(f"calibrating on the {record['n_images']} {where} in {calibrate_dir}")
-    for name, settings in fitted.items():
-        shown = {k: round(v, 4) for k, v in settings.items() if isinstance(v, float)}
-        typer.echo(f"calibrated   {name}: {', '.join(f'{k}={v}' for k, v in shown.items())}")
-    return models, record
+        store = FeatureStore.open(calibrate_dir)
+        if not (np.asarray(store.leaf) >= 0).any():
+            raise fail(f"{calibrate_dir} (--calibrate): no labelled image to calibrate on; pass labelled features")
+        run = runs[0]
+        if auto or alpha is not None:
+            run.models["fused"] = FusedClassifier(run.models["flat"], run.models["hierarchical"], alpha or 0.5)
+        record = run.calibrate(store, tune_fused=auto)
+        where = "held-out images of the run's training set" if record["rows"] == "holdout" else "labelled images"
+        typer.echo(f"calibrating on the {record['n_images']} {where} in {calibrate_dir}")
+        for name, settings in (run.calibration() or {}).get("models", {}).items():
+            shown = {k: round(v, 4) for k, v in settings.items() if isinstance(v, float)}
+            typer.echo(f"calibrated   {name}: {', '.join(f'{k}={v}' for k, v in shown.items())}")
+        typer.echo(f"calibration  kept in {run.root / 'run.json'} (evaluate, predict and serve use it)")
+    for run in runs:
+        if alpha is not None:
+            run.models["fused"] = FusedClassifier(run.models["flat"], run.models["hierarchical"], alpha)
+    if len(runs) == 1:
+        return runs[0].models, (runs[0].calibration() or {}).get("on")
+    names = [name for name in runs[0].models if all(name in run.models for run in runs)]
+    if not names:
+        raise fail(f"the runs {', '.join(str(r.root) for r in runs)} share no model (flat or hierarchical)")
+    models = {name: EnsembleClassifier([run.models[name] for run in runs]) for name in names}
+    return models, ensemble_calibration(runs)
+
+
+def ensemble_calibration(runs: list[Run]) -> dict[str, Any] | None:
+    """Where the members of an ensemble were calibrated, as one record (None: none of them was)."""
+    records = [(run.calibration() or {}).get("on") for run in runs]
+    if all(r is None for r in records):
+        return None
+    if any(r is None for r in records):
+        return {"store": "some members only", "rows": "mixed", "n_images": 0}
+    rows = {r["rows"] for r in records}
+    return {
+        "store": ", ".join(r["store"] for r in records),
+        "rows": rows.pop() if len(rows) == 1 else "mixed",
+        "n_images": sum(r["n_images"] for r in records),
+    }
 
 
 def features_cache_dir(run: Path, data: Path, settings: dict[str, Any] | None = None) -> Path:
@@ -182,6 +225,43 @@ def features_cache_dir(run: Path, data: Path, settings: dict[str, Any] | None = 
     return run / "features" / f"{data.name}-{key}"
 
 
+def open_stores(
+    runs: list[Run],
+    models: dict[str, Classifier],
+    features: list[Path] | None,
+    data: Path | None,
+    tta: bool,
+    progress: bool = True,
+    cache: Path | None = None,
+    strict: bool = False,
+) -> FeatureStore | FeatureStores:
+    """What to score: one feature store, or with several runs, one per run (each run reads its own features).
+
+    ``--features`` is given once (every run reads it) or once per run, in the order of ``--run``.
+    """
+    features = features or []
+    if (not features) == (data is None):
+        raise fail("pass exactly one of --features (a feature folder) or --data (a dump to extract features from)")
+    if len(features) not in (0, 1, len(runs)):
+        raise fail(f"{len(features)} --features for {len(runs)} --run; give one for all, or one per run in order")
+    if cache is not None and len(runs) > 1:
+        raise fail("--features-cache names one folder; with several --run each run caches its own features")
+    picked = [features[min(i, len(features) - 1)] if features else None for i in range(len(runs))]
+    if len(runs) == 1:
+        only = runs[0]
+        return open_features(only.models, only.taxonomy, picked[0], data, only.root, tta, progress, cache, strict)
+    from hierclass.inference import FeatureStores
+
+    stores = [
+        open_features(run.models, run.taxonomy, path, data, run.root, tta, progress, None, strict)
+        for run, path in zip(runs, picked, strict=True)
+    ]
+    try:
+        return FeatureStores(stores)
+    except ValueError as e:
+        raise fail(str(e)) from None
+
+
 def open_features(
     models: dict[str, Classifier],
     taxonomy: Taxonomy,
@@ -193,14 +273,12 @@ def open_features(
     cache: Path | None = None,
     strict: bool = False,
 ) -> FeatureStore:
-    """The feature store to score: ``--features``, or features of ``--data`` extracted with the backbone
-    and preprocessing the run's heads were trained on, cached in ``cache`` (default: see
+    """The feature store one run scores: ``--features``, or features of ``--data`` extracted with the
+    backbone and preprocessing the run's heads were trained on, cached in ``cache`` (default: see
     :func:`features_cache_dir`)."""
     from hierclass.featurestore import FeatureStore
-    from hierclass.report import check_store, features_meta
+    from hierclass.run import check_store, features_meta
 
-    if (features is None) == (data is None):
-        raise fail("pass exactly one of --features (a feature folder) or --data (a dump to extract features from)")
     if features is not None:
         store = FeatureStore.open(features)
     else:
@@ -241,7 +319,7 @@ def open_features(
 
 @command(name="evaluate")
 def evaluate_command(
-    run: RunDir,
+    run: RunDirs,
     out: Annotated[Path, typer.Option(help="The report folder: report.md, report.json and PNG plots.")],
     features: FeaturesOpt = None,
     data: DataOpt = None,
@@ -263,24 +341,16 @@ def evaluate_command(
     check_writable_dir(out, "--out")  # before the work, not after it
     from hierclass.report import evaluate, write_report
 
-    tax = resolve_taxonomy(run, taxonomy)
-    models, calibration = build_models(
-        run,
-        tax,
-        combine=combine,
-        k=k,
-        batch_size=batch_size,
-        fused_alpha=fused_alpha,
-        calibrate_dir=calibrate_dir,
-    )
-    store = open_features(models, tax, features, data, run, tta, progress)
+    runs = load_runs(run, taxonomy, combine=combine, k=k, batch_size=batch_size)
+    models, calibration = build_models(runs, fused_alpha=fused_alpha, calibrate_dir=calibrate_dir)
+    store = open_stores(runs, models, features, data, tta, progress)
     report = evaluate(
         models,
-        store,
+        store,  # type: ignore[arg-type]
         how=aggregate.value,
         tta=tta,
         abstain_threshold=abstain_threshold,
-        meta={"run": str(run)},
+        meta={"run": str(run[0]) if len(run) == 1 else [str(r) for r in run]},
         calibration=calibration,
     )
     for warning in report["meta"]["warnings"]:
@@ -302,7 +372,7 @@ def evaluate_command(
 
 @command(name="predict")
 def predict_command(
-    run: RunDir,
+    run: RunDirs,
     out: Annotated[Path, typer.Option(help="The CSV to write: _id,category_id, one row per product.")],
     data: DataOpt = None,
     features: FeaturesOpt = None,
@@ -315,8 +385,12 @@ def predict_command(
     tta: TtaOpt = False,
     abstain_threshold: AbstainOpt = None,
     fused_alpha: Annotated[
-        str, typer.Option(help="a of --model fused, in [0, 1], or 'auto' (tuned on --calibrate).")
-    ] = "0.5",
+        str | None,
+        typer.Option(
+            help="a of --model fused, in [0, 1], or 'auto' (tuned on --calibrate); "
+            "default: the run's fitted weight, else 0.5."
+        ),
+    ] = None,
     calibrate_dir: CalibrateOpt = None,
     features_cache: Annotated[
         Path | None,
@@ -338,28 +412,25 @@ def predict_command(
     from hierclass.inference import predict_store
     from hierclass.report import fill_missing_products
 
-    tax = resolve_taxonomy(run, taxonomy)
+    runs = load_runs(run, taxonomy, combine=combine, k=k, batch_size=batch_size, only_flat=model is Model.flat)
+    tax = runs[0].taxonomy
     if topk > tax.n_leaves:
         typer.echo(
             f"warning: --topk {topk} is more than the taxonomy's {tax.n_leaves} leaves; using {tax.n_leaves}", err=True
         )
         topk = tax.n_leaves
+    if model is Model.fused and fused_alpha is None and any("fused" not in r.models for r in runs):
+        fused_alpha = "0.5"
     models, _ = build_models(
-        run,
-        tax,
-        combine=combine,
-        k=k,
-        batch_size=batch_size,
-        fused_alpha=fused_alpha if model is Model.fused else None,
-        calibrate_dir=calibrate_dir,
-        only_flat=model is Model.flat,
+        runs, fused_alpha=fused_alpha if model is Model.fused else None, calibrate_dir=calibrate_dir
     )
     if model.value not in models:
-        raise fail(f"{run}: has no {model.value} model; train it, or pass --model {' or '.join(models)}")
+        where = ", ".join(str(r) for r in run)
+        raise fail(f"{where}: has no {model.value} model; train it, or pass --model {' or '.join(models)}")
     clf = models[model.value]
-    store = open_features(
-        {model.value: clf}, tax, features, data, run, tta, progress, cache=features_cache, strict=strict
-    )
+    for r in runs:  # each run reads its features for the chosen model only
+        r.models = {model.value: r.models[model.value]}
+    store = open_stores(runs, {model.value: clf}, features, data, tta, progress, cache=features_cache, strict=strict)
     if not np.asarray(store.valid).any():
         raise fail(
             f"{data or features}: none of its {store.n_images} image(s) could be decoded; nothing to predict from "

@@ -120,7 +120,7 @@ def training_taxonomy(taxonomy: Path | None, run: Run, store_meta: dict[str, Any
     """``--taxonomy``, else the run's copy, else the file the feature store was labelled with."""
     if taxonomy is not None:
         return Taxonomy.from_csv(taxonomy)
-    copy = run.taxonomy()
+    copy = run.taxonomy_copy()
     if copy is not None:
         return copy
     source = store_meta.get("taxonomy_source")
