@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,8 +33,10 @@ from hierclass.taxonomy import Taxonomy
 if TYPE_CHECKING:
     import numpy as np
 
+    from hierclass.features import FeatureExtractor
     from hierclass.featurestore import FeatureStore
     from hierclass.inference import Classifier, FeatureStores
+    from hierclass.predictor import ImageInput, ImagePrediction, ImagePredictor
 
 TAXONOMY_FILE = "category_names.csv"
 MANIFEST_FILE = "run.json"
@@ -52,6 +54,7 @@ class Run:
         self.root = Path(root)
         self.taxonomy: Taxonomy | None = None
         self.models: dict[str, Classifier] = {}
+        self._extractors: dict[str, FeatureExtractor] = {}  # the backbone, built once per engine
 
     @classmethod
     def load(
@@ -114,6 +117,62 @@ class Run:
     def spec(self) -> FeatureSpec:
         """What the run's models read (checked the same for every head)."""
         return FeatureSpec.from_meta(features_meta(self.models))
+
+    def feature_extractor(self, engine: str = "onnx") -> FeatureExtractor:
+        """The backbone (and preprocessing) the run's heads read features of, built on the first call.
+
+        With the ONNX engine the export is kept in ``RUN/onnx/`` and reused by every later start
+        (:func:`hierclass.predictor.onnx_cache_path`).
+        """
+        if engine not in self._extractors:
+            from hierclass.predictor import build_extractor
+
+            self._extractors[engine] = build_extractor(self, engine)
+        return self._extractors[engine]
+
+    def image_predictor(
+        self, model: str | None = None, *, engine: str = "onnx", batch_size: int = 32
+    ) -> ImagePredictor:
+        """The run's ``model`` on plain images (see :class:`hierclass.predictor.ImagePredictor`)."""
+        from hierclass.predictor import ImagePredictor
+
+        return ImagePredictor(self, self.feature_extractor(engine), model, batch_size=batch_size)
+
+    def predict_images(
+        self,
+        images: Sequence[ImageInput | Sequence[ImageInput]],
+        *,
+        model: str | None = None,
+        topk: int = 5,
+        abstain_threshold: float | None = None,
+        engine: str = "onnx",
+        batch_size: int = 32,
+    ) -> list[ImagePrediction]:
+        """Rank the leaves for image files or encoded images, each alone or grouped into products.
+
+        Each image is decoded and preprocessed as the run's features were (its
+        :class:`~hierclass.spec.FeatureSpec`), so the answers equal ``hierclass predict``'s on the same
+        pictures. An image that does not decode gets an empty answer with a ``reason``, never a leaf.
+
+        Args:
+            images: one item per answer: a path or bytes (one image), or a list of them (one
+                product's images, combined by the mean of their probabilities).
+            model: ``hierarchical`` (default when the run has it), ``flat`` or ``fused``.
+            topk: leaves ranked per answer.
+            abstain_threshold: below this probability the answer stops at level 2 or 1 (``depth``).
+            engine: ``onnx`` (exported once into ``RUN/onnx/``) or ``torch``.
+            batch_size: images per backbone pass.
+
+        Returns:
+            One :class:`~hierclass.predictor.ImagePrediction` per item, in order: the ranked leaves with
+            their category_id, ``[level1, level2, leaf]`` path and probability, and the level-1 distribution.
+
+        Example:
+            >>> run = Run.load("runs/fashion")
+            >>> [p.leaves[0].path for p in run.predict_images(["shirt.jpg", ["shoe-1.jpg", "shoe-2.jpg"]])]
+        """
+        predictor = self.image_predictor(model, engine=engine, batch_size=batch_size)
+        return predictor.predict(images, topk=topk, abstain_threshold=abstain_threshold)
 
     def calibration(self) -> dict[str, Any] | None:
         """The stored calibration: ``{"models": {name: settings}, "on": where it was fitted}``, or None."""

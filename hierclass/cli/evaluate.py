@@ -62,6 +62,15 @@ DataOpt = Annotated[
         "--data", exists=True, help="A .bson dump, .csv catalogue or image folder; features are extracted first."
     ),
 ]
+PredictDataOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--data",
+        exists=True,
+        help="A .bson dump, .csv catalogue or folder of category folders; or image files (repeat --data) "
+        "or a folder of images, each predicted alone.",
+    ),
+]
 TaxonomyOpt = Annotated[
     Path | None,
     typer.Option(
@@ -374,7 +383,7 @@ def evaluate_command(
 def predict_command(
     run: RunDirs,
     out: Annotated[Path, typer.Option(help="The CSV to write: _id,category_id, one row per product.")],
-    data: DataOpt = None,
+    data: PredictDataOpt = None,
     features: FeaturesOpt = None,
     taxonomy: TaxonomyOpt = None,
     model: Annotated[Model, typer.Option(help="hierarchical (default), flat or fused.")] = Model.hierarchical,
@@ -404,9 +413,28 @@ def predict_command(
 ) -> None:
     """Predict the category of every product of a dump, in Kaggle's submission format.
 
-    A source whose products carry SKUs (see ``hierclass import``) adds a ``sku`` column.
+    A source whose products carry SKUs (see ``hierclass import``) adds a ``sku`` column. Image files
+    (or a folder of them) get one row each, with their ``path`` in place of ``_id`` and a ``reason``
+    column that says why an image that could not be used has no prediction.
     """
     check_writable_file(out, "--out")  # before the work, not after it
+    from hierclass.predictor import image_files
+
+    images = image_files(data) if data else None
+    data = data[0] if data else None
+    if images is not None:
+        if features:
+            raise fail("pass exactly one of --features (a feature folder) or --data (a dump or images)")
+        if len(run) > 1 or tta or calibrate_dir is not None:
+            what = "several --run" if len(run) > 1 else "--tta" if tta else "--calibrate"
+            raise fail(f"{what} is for dumps and feature folders; predict image files with one --run, without it")
+        runs = load_runs(run, taxonomy, combine=combine, k=k, batch_size=batch_size, only_flat=model is Model.flat)
+        if model is Model.fused and (fused_alpha is not None or "fused" not in runs[0].models):
+            build_models(runs, fused_alpha=fused_alpha or "0.5", calibrate_dir=None)
+        if model.value not in runs[0].models:
+            raise fail(f"{run[0]}: has no {model.value} model; train it, or pass --model {' or '.join(runs[0].models)}")
+        predict_image_files(runs[0], images, out, model.value, topk, abstain_threshold)
+        return
     import numpy as np
 
     from hierclass.inference import predict_store
@@ -462,6 +490,20 @@ def predict_command(
     write_submission(out, products, tax, topk, abstain_threshold, sku_of)
     note = f" ({missing} without a usable image got the most predicted leaf)" if missing else ""
     typer.echo(f"wrote {len(products)} products to {out} with the {model.value} model{note}")
+
+
+def predict_image_files(
+    run: Run, images: list[Path], out: Path, model: str, topk: int, abstain_threshold: float | None
+) -> None:
+    """``predict`` on image files: one CSV row per file (see :func:`hierclass.predictor.prediction_rows`)."""
+    from hierclass.predictor import write_prediction_csv
+
+    topk = min(topk, run.taxonomy.n_leaves) if run.taxonomy is not None else topk
+    answers = run.predict_images(images, model=model, topk=max(topk, 1), abstain_threshold=abstain_threshold)
+    write_prediction_csv(out, answers, topk=topk, abstain_threshold=abstain_threshold)
+    bad = [a for a in answers if not a.leaves]
+    note = f"; {len(bad)} could not be used (see the reason column), e.g. {bad[0].reason}" if bad else ""
+    typer.echo(f"wrote {len(answers)} images to {out} with the {model} model{note}")
 
 
 def write_submission(
