@@ -215,6 +215,7 @@ class ImagePredictor:
         topk: int = 5,
         abstain_threshold: float | None = None,
         why: Sequence[Sequence[str | None]] | None = None,
+        proba: np.ndarray | None = None,
     ) -> list[ImagePrediction]:
         """Answers for products given as decoded images (None: did not decode), one per product.
 
@@ -226,6 +227,8 @@ class ImagePredictor:
             topk: leaves ranked per answer.
             abstain_threshold: below this probability the answer stops at level 2 or 1 (``depth``).
             why: for each image that did not decode, why (default: it is not a decodable image).
+            proba: the leaf probabilities of the decoded images, in order, when already computed
+                (the server computes those of several requests in one pass).
         """
         import numpy as np
 
@@ -239,7 +242,7 @@ class ImagePredictor:
         owner = np.array([p for p, images in enumerate(products) for im in images if im is not None], np.int64)
         answered, rows = np.zeros(0, np.int64), np.zeros((0, tax.n_leaves), np.float32)
         if good:
-            answered, rows = aggregate(self.proba(good), owner, "mean")
+            answered, rows = aggregate(self.proba(good) if proba is None else proba, owner, "mean")
         preds = Predictions.from_proba(rows, tax, answered, k=min(topk, tax.n_leaves)) if good else None
         depth = None if preds is None or abstain_threshold is None else abstention_depth(preds, abstain_threshold)
         level1 = level_proba(rows, tax, 1) if good else rows

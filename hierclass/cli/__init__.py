@@ -4,7 +4,7 @@ One module per area registers its commands on :data:`app`; importing this packag
 registers them all.
 """
 
-from hierclass.cli import data, demo, evaluate, features, taxonomy, train  # noqa: F401  (registers commands)
+from hierclass.cli import data, demo, evaluate, features, serve, taxonomy, train  # noqa: F401  (registers commands)
 from hierclass.cli.app import app
 
 
