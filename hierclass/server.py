@@ -329,7 +329,8 @@ def create_app(
     import torch
 
     size = predictor.transform.size
-    predictor.proba([torch.zeros((3, *size), dtype=torch.uint8)])  # warm-up: the first request is not the slow one
+    # warm-up (resize kernels, the backbone's first run), so that the first request is not the slow one
+    predictor.proba([torch.zeros((3, 2 * size[0] + 1, 2 * size[1] + 3), dtype=torch.uint8)])
     batcher = MicroBatcher(predictor, config.batch_wait_ms, config.max_batch_images)
     info = model_info(run, predictor, engine)
     short = {k: info[k] for k in ("run", "model", "backbone", "image_size", "cut")}
