@@ -113,9 +113,17 @@ class MicroBatcher:
         predictor: the run's model on decoded images.
         wait_ms: how long a batch waits for requests announced (being read or decoded) but not yet queued.
         max_images: the most images of one batch (a request larger than that is a batch of its own).
+        warm_up: an image to run once in the worker thread before any request (the first pass in a
+            thread sets up the thread's kernels: a second or so), so that no request pays for it.
     """
 
-    def __init__(self, predictor: ImagePredictor, wait_ms: float = 5.0, max_images: int = 64) -> None:
+    def __init__(
+        self,
+        predictor: ImagePredictor,
+        wait_ms: float = 5.0,
+        max_images: int = 64,
+        warm_up: torch.Tensor | None = None,
+    ) -> None:
         self.predictor = predictor
         self.wait_s = wait_ms / 1000.0
         self.max_images = max_images
@@ -124,6 +132,9 @@ class MicroBatcher:
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._coming = 0
         self._lock = threading.Lock()
+        self._warm_up = warm_up
+        self.ready = threading.Event()  # set once the worker thread has warmed up
+        self.error: Exception | None = None  # what the warm-up raised
         self._thread = threading.Thread(target=self._work, name="hierclass-batcher", daemon=True)
         self._thread.start()
 
@@ -153,6 +164,13 @@ class MicroBatcher:
         self._thread.join(timeout=10)
 
     def _work(self) -> None:
+        try:
+            if self._warm_up is not None:
+                self.predictor.predict_decoded([[self._warm_up]], [["warm-up"]], topk=1)
+        except Exception as e:  # noqa: BLE001  (create_app reports it; requests would get the same error)
+            self.error = e
+        finally:
+            self.ready.set()
         while True:
             job = self._queue.get()
             if job is None:
@@ -329,9 +347,12 @@ def create_app(
     import torch
 
     size = predictor.transform.size
-    # warm-up (resize kernels, the backbone's first run), so that the first request is not the slow one
-    predictor.proba([torch.zeros((3, 2 * size[0] + 1, 2 * size[1] + 3), dtype=torch.uint8)])
-    batcher = MicroBatcher(predictor, config.batch_wait_ms, config.max_batch_images)
+    # warm-up (resize kernels, the backbone's first run in the worker thread): the first request is not the slow one
+    warm = torch.zeros((3, 2 * size[0] + 1, 2 * size[1] + 3), dtype=torch.uint8)
+    batcher = MicroBatcher(predictor, config.batch_wait_ms, config.max_batch_images, warm_up=warm)
+    batcher.ready.wait(timeout=120)
+    if batcher.error is not None:
+        raise HierclassError(f"{run.root}: the model fails on a test image ({batcher.error}); check the run's heads")
     info = model_info(run, predictor, engine)
     short = {k: info[k] for k in ("run", "model", "backbone", "image_size", "cut")}
     short["taxonomy"] = info["taxonomy"]["fingerprint"]

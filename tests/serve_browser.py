@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class Server:
+    """A running ``hierclass serve``: its URL and process id."""
+
+    url: str
+    pid: int
+
+
 @contextlib.contextmanager
-def served(run_dir: Path, *args: str, timeout: float = 180.0) -> Iterator[str]:
-    """Run ``hierclass serve --run RUN_DIR`` in a subprocess on a free port; yields its URL."""
+def served(run_dir: Path, *args: str, timeout: float = 180.0) -> Iterator[Server]:
+    """Run ``hierclass serve --run RUN_DIR`` (and ``args``) in a subprocess on a free port, until the block ends."""
     port = free_port()
     env = {
         **os.environ,
@@ -70,7 +79,7 @@ def served(run_dir: Path, *args: str, timeout: float = 180.0) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"hierclass serve did not answer on {url} within {timeout:.0f} s")
             time.sleep(0.25)
-        yield url
+        yield Server(url, proc.pid)
     finally:
         proc.terminate()
         try:

@@ -30,8 +30,8 @@ def test_page_classifies_a_photo_in_chromium(tmp_path_factory: pytest.TempPathFa
     run_dir = image_run(tmp_path_factory)[0]
     photo = real_photo(tmp_path)
     shot = tmp_path / "page.png"
-    with served(run_dir, "--topk", "4") as url:
-        ranked = classify_in_browser(url, [photo], shot)
+    with served(run_dir, "--topk", "4") as server:
+        ranked = classify_in_browser(server.url, [photo], shot)
     expected = Run.load(run_dir).predict_images([photo], topk=4)[0]
     assert [r["category_id"] for r in ranked] == [leaf.category_id for leaf in expected.leaves]
     assert [r["path"] for r in ranked] == [list(leaf.path) for leaf in expected.leaves]
