@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from hierclass.features import FeatureExtractor
     from hierclass.run import Run
     from hierclass.spec import FeatureSpec
+    from hierclass.taxonomy import Taxonomy
 
 ImageInput = str | Path | bytes | bytearray | memoryview
 """One image: a file path, or its encoded bytes."""
@@ -181,7 +182,9 @@ class ImagePredictor:
         self.batch_size = batch_size
 
     @property
-    def taxonomy(self):  # noqa: ANN201  (Taxonomy; imported lazily)
+    def taxonomy(self) -> Taxonomy:
+        """The taxonomy of the run's heads."""
+        assert self.run.taxonomy is not None, "a loaded run has its taxonomy"
         return self.run.taxonomy
 
     def decode(self, data: bytes) -> torch.Tensor | None:

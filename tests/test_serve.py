@@ -149,7 +149,7 @@ def test_concurrent_requests(client: TestClient, run: tuple[Path, Path, Path]) -
     for name, body in answers:
         assert body["predictions"] == alone[name]["predictions"] and body["level1"] == alone[name]["level1"]
     requests, batches = batcher.requests - before[0], batcher.batches - before[1]
-    assert requests == 32 and batches <= requests
+    assert requests == 32 and batches < requests  # requests waiting while a batch ran joined the next one
 
 
 def test_micro_batcher_joins_requests_on_their_way(run: tuple[Path, Path, Path]) -> None:
