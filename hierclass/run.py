@@ -101,8 +101,8 @@ class Run:
             return copy
         from hierclass.checkpoint import read_meta
 
-        for kind in HEADS:
-            if (self.root / kind).is_dir():
+        for kind in ("flat", "router", "experts"):  # a head whose training never finished has no meta.json
+            if (self.root / kind / "meta.json").is_file():
                 source = (read_meta(self.root / kind).get("taxonomy") or {}).get("source")
                 if source and Path(source).is_file():
                     return Taxonomy.from_csv(source)
