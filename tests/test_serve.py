@@ -200,3 +200,24 @@ def test_serve_command_errors(run: tuple[Path, Path, Path]) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
     result = runner.invoke(cli, ["serve", "--run", str(run[0]), "--model", "fused", "--topk", "0"])
     assert result.exit_code == 2 and "--topk" in result.output
+
+
+def test_serve_command_over_http(run: tuple[Path, Path, Path]) -> None:
+    """The command itself: uvicorn on 127.0.0.1, real HTTP, and the run's ONNX export reused, not made again."""
+    import httpx
+    from serve_browser import served
+
+    run_dir, _, images = run
+    photo = (images / "p3-0.jpg").read_bytes()
+    expected = Run.load(run_dir).predict_images([photo], topk=2)[0]  # makes the export if no test did yet
+    (export,) = (run_dir / "onnx").glob("*.onnx")
+    made = export.stat().st_mtime_ns
+    with served(run_dir, "--topk", "2") as server:
+        assert server.url.startswith("http://127.0.0.1:")
+        response = httpx.post(server.url + "predict", files={"image": ("p.jpg", photo, JPEG)}, timeout=60)
+        bad = httpx.post(server.url + "predict", files={"image": ("p.jpg", b"", JPEG)}, timeout=60)
+        after = httpx.get(server.url + "health", timeout=60)
+    assert response.status_code == 200, response.text
+    assert [p["category_id"] for p in response.json()["predictions"]] == [leaf.category_id for leaf in expected.leaves]
+    assert bad.status_code == 422 and after.json()["status"] == "ok"
+    assert export.stat().st_mtime_ns == made and list((run_dir / "onnx").iterdir()) == [export]
