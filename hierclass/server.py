@@ -48,7 +48,10 @@ if TYPE_CHECKING:
 FIELD = "image"
 PAGE = "serve_page.html"
 MAX_TOPK = 50
-VALIDATION_KEYS = ("val_acc", "val_loss", "holdout_acc", "holdout_loss", "n_train", "n_val", "n_holdout", "val_source")
+VALIDATION_KEYS = (
+    "val_acc", "val_loss", "val_source", "holdout_acc", "holdout_loss", "holdout_source",
+    "n_train", "n_val", "n_holdout",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -301,11 +304,15 @@ def model_info(run: Run, predictor: ImagePredictor, engine: str) -> dict[str, An
     spec = run.spec
     tax = predictor.taxonomy
     clf = run.models[predictor.model]
-    validation = {
-        head: {k: meta["metrics"][k] for k in VALIDATION_KEYS if k in (meta.get("metrics") or {})}
-        for head, meta in clf.meta.items()
-    }
     manifest = run.manifest()
+    recorded = manifest.get("heads") or {}
+    validation = {}
+    for head, meta in clf.meta.items():  # what run.json records of each head, else its checkpoint
+        entry = recorded.get(head) or {}
+        metrics = entry.get("metrics") or meta.get("metrics") or {}
+        validation[head] = {k: metrics[k] for k in VALIDATION_KEYS if k in metrics}
+        if "trained_at" in entry:
+            validation[head]["trained_at"] = entry["trained_at"]
     return {
         "run": run.root.name,
         "model": predictor.model,
@@ -322,7 +329,6 @@ def model_info(run: Run, predictor: ImagePredictor, engine: str) -> dict[str, An
             "level2": tax.n_level2,
         },
         "validation": validation,
-        "heads": manifest.get("heads") or {},
         "calibration": (manifest.get("calibration") or {}).get("on"),
     }
 
