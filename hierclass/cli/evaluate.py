@@ -502,7 +502,11 @@ def predict_image_files(
     answers = run.predict_images(images, model=model, topk=max(topk, 1), abstain_threshold=abstain_threshold)
     write_prediction_csv(out, answers, topk=topk, abstain_threshold=abstain_threshold)
     bad = [a for a in answers if not a.leaves]
-    note = f"; {len(bad)} could not be used (see the reason column), e.g. {bad[0].reason}" if bad else ""
+    note = (
+        f"; {len(bad)} could not be used (see the reason column), e.g. {bad[0].sources[0]}: {bad[0].reason}"
+        if bad
+        else ""
+    )
     typer.echo(f"wrote {len(answers)} images to {out} with the {model} model{note}")
 
 
