@@ -167,7 +167,8 @@ def extract_features(
     """Run the backbone once over every image of ``data`` and store the pooled features.
 
     One float16 row per image goes to the feature store at ``out``, with the image's
-    product_id, image_number and leaf (``taxonomy.encode(category_id, unknown=-1)``: -1 for
+    product_id, product_row (its product's row in the source: two products sharing an ``_id``
+    stay two), image_number and leaf (``taxonomy.encode(category_id, unknown=-1)``: -1 for
     unlabelled products and categories the taxonomy lacks). Images that do not decode get
     status BAD and are counted, never stop the job. A job that was killed resumes at the
     rows not written yet when run again with the same settings; a finished folder is
@@ -267,8 +268,10 @@ def extract_features(
                     f"{out}: its image rows differ from {source_path} (the source changed since); "
                     "extract into a new --out folder"
                 )
+            store.product_row = product_row  # its rows are the source's: a store made before product_row gets it
             if store.meta.get("complete"):
                 store = FeatureStore.open(out, mode="r")  # nothing to write: hand it back read-only
+                store.product_row = product_row
                 store.meta["source_problems"] = problems
                 store.meta["last_run"] = _run_summary(0, 0, time.perf_counter() - start, 0.0, resumed=False, done=True)
                 return store
@@ -282,7 +285,14 @@ def extract_features(
                 "source_problems": problems,
             }
             store = FeatureStore.create(
-                out, dim=dim, product_id=product_id, image_number=image_number, leaf=leaf, meta=meta, views=views
+                out,
+                dim=dim,
+                product_id=product_id,
+                image_number=image_number,
+                leaf=leaf,
+                meta=meta,
+                views=views,
+                product_row=product_row,
             )
 
         extractor = FeatureExtractor(

@@ -6,12 +6,17 @@ A feature directory holds::
                        taxonomy fingerprint), the shapes, and ``complete``
     features.npy       float16 [n_images, dim], the pooled backbone features
     features_hflip.npy optional, the same for horizontally flipped images (test-time aug.)
-    images.npz         per image: product_id, image_number, leaf (-1: unlabelled or unknown)
+    images.npz         per image: product_id, product_row, image_number, leaf (-1: unlabelled or unknown)
     status.npy         int8 [n_images]: 0 not done yet, 1 ok, 2 bad image (skipped, counted)
 
 Writers fill rows in any order, flush the features, then set ``status``; so a job killed
 midway resumes at the rows whose status is still 0 and never trusts a half-written row.
 Readers use :attr:`FeatureStore.valid` to drop bad images.
+
+Images are grouped into products by ``product_row`` (the product's row in its source), not by
+``product_id`` (the ``_id`` written to submissions): a dump may give two products one ``_id``,
+and they stay two products. A store written before ``product_row`` was recorded groups its
+images by ``product_id``, as it always did.
 """
 
 from __future__ import annotations
@@ -92,6 +97,12 @@ def _size_text(shape: tuple[int, ...], dtype: type) -> str:
     return f"{n:.1f} TB"
 
 
+def id_ranks(product_id: np.ndarray) -> np.ndarray:
+    """The rank of each image's ``product_id`` among the distinct ones: a product row per image
+    when each ``_id`` is one product (the grouping of stores that do not record ``product_row``)."""
+    return np.unique(product_id, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
 class FeatureStore:
     """A feature directory opened for reading or (re)writing.
 
@@ -99,6 +110,9 @@ class FeatureStore:
         root: the directory.
         meta: the content of ``meta.json``.
         product_id, image_number, leaf: per-image index arrays (int64).
+        product_row: per image, the row of its product in the source (int64); products are
+            told apart by it. For a store that does not record it, the rank of the image's
+            ``product_id`` among the store's (its images are grouped by ``_id``).
         status: per-image state, memory-mapped (PENDING, OK or BAD).
     """
 
@@ -108,6 +122,7 @@ class FeatureStore:
         self._mode = mode
         index = np.load(root / "images.npz")
         self.product_id = index["product_id"]
+        self.product_row = index["product_row"] if "product_row" in index.files else id_ranks(self.product_id)
         self.image_number = index["image_number"]
         self.leaf = index["leaf"]
         self.status = np.load(root / "status.npy", mmap_mode=mode)
@@ -125,6 +140,7 @@ class FeatureStore:
         leaf: np.ndarray,
         meta: Mapping[str, Any],
         views: tuple[str, ...] = ("orig",),
+        product_row: np.ndarray | None = None,
     ) -> FeatureStore:
         """Create an empty store for ``len(product_id)`` images (every row PENDING).
 
@@ -134,17 +150,23 @@ class FeatureStore:
             product_id, image_number, leaf: one entry per image row.
             meta: what made the features; must include ``taxonomy_fingerprint``.
             views: ``("orig",)`` or ``("orig", "hflip")``.
+            product_row: per image, the row of its product in the source, which tells apart
+                products that share a ``product_id``; None: the rank of ``product_id`` (one
+                product per id).
         """
         root = Path(root)
         if (root / "meta.json").exists():
             raise FeatureStoreError(f"{root}: a feature store exists already; open it to resume, or remove the folder")
         n = len(product_id)
-        if not (len(image_number) == len(leaf) == n):
-            raise ValueError("product_id, image_number and leaf must have one entry per image")
+        if product_row is None:
+            product_row = id_ranks(np.asarray(product_id, dtype=np.int64))
+        if not (len(image_number) == len(leaf) == len(product_row) == n):
+            raise ValueError("product_id, product_row, image_number and leaf must have one entry per image")
         root.mkdir(parents=True, exist_ok=True)
         np.savez(
             root / "images.npz",
             product_id=np.asarray(product_id, dtype=np.int64),
+            product_row=np.asarray(product_row, dtype=np.int64),
             image_number=np.asarray(image_number, dtype=np.int64),
             leaf=np.asarray(leaf, dtype=np.int64),
         )

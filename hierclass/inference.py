@@ -582,6 +582,7 @@ class FeatureStores:
         for other in stores[1:]:
             if not (
                 np.array_equal(other.product_id, first.product_id)
+                and np.array_equal(other.product_row, first.product_row)
                 and np.array_equal(other.image_number, first.image_number)
             ):
                 raise ValueError(
@@ -591,6 +592,7 @@ class FeatureStores:
         self.stores = list(stores)
         self.root = first.root
         self.product_id, self.image_number, self.leaf = first.product_id, first.image_number, first.leaf
+        self.product_row = first.product_row
         self.valid = np.logical_and.reduce([s.valid for s in stores])
         views = [v for v in first.meta.get("views", ["orig"]) if all(v in s.meta.get("views", []) for s in stores)]
         self.meta = {**first.meta, "views": views, "members": [str(s.root) for s in stores]}
@@ -636,12 +638,13 @@ def aggregate(proba: np.ndarray, product_id: np.ndarray, how: Aggregation = "mea
 
     Args:
         proba: ``[N, C]`` per-image probabilities.
-        product_id: ``[N]`` the product of each image (any order).
+        product_id: ``[N]`` the product of each image (any order): any integer key, e.g. a
+            store's ``product_row`` (ids can repeat across the products of a dump).
         how: ``"mean"`` of probabilities, ``"logmean"`` (mean of log-probabilities, i.e. a
             normalised geometric mean) or ``"max"`` (column-wise max, renormalised).
 
     Returns:
-        ``(product_ids, P_product)``: the distinct product ids in increasing order and one
+        ``(product_ids, P_product)``: the distinct keys in increasing order and one
         row per product, summing to 1.
     """
     if how not in AGGREGATIONS:
@@ -673,13 +676,15 @@ class Predictions:
     """What metrics and CSVs need from ``[N, n_leaves]`` probabilities, kept small (O(N k)).
 
     Attributes:
-        ids: image rows or product ids.
+        ids: image rows or product ids (the ``_id`` a submission writes; a dump may repeat one).
         leaf: the true leaf index of each sample (-1: unknown).
         topk_leaf, topk_prob: ``[N, k]`` the most probable leaves, best first, and their probabilities.
         level1_prob, level2_prob: the probability of the top-1 leaf's level-1 and level-2
             ancestors (sums over their leaves; used for abstention).
         extra: model-specific per-sample arrays (e.g. ``router``, ``oracle`` leaf indices).
         seconds: time spent computing the probabilities.
+        product_row: of product predictions, each product's row in its source (what tells apart
+            two products sharing an id); None for image predictions.
     """
 
     ids: np.ndarray
@@ -690,6 +695,7 @@ class Predictions:
     level2_prob: np.ndarray
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     seconds: float = 0.0
+    product_row: np.ndarray | None = None
 
     @classmethod
     def from_proba(
@@ -727,14 +733,16 @@ class Predictions:
             np.concatenate([p.level2_prob for p in parts]),
             {key: np.concatenate([p.extra[key] for p in parts]) for key in first.extra},
             sum(p.seconds for p in parts),
+            None if first.product_row is None else np.concatenate([p.product_row for p in parts]),
         )
 
 
-def product_chunks(product_id: np.ndarray, rows: np.ndarray, chunk_images: int) -> Iterator[np.ndarray]:
-    """Split ``rows`` (grouped by product) into chunks of about ``chunk_images`` that never split a product."""
-    order = rows[np.argsort(product_id[rows], kind="stable")]
-    pid = product_id[order]
-    bounds = np.r_[np.flatnonzero(np.r_[True, pid[1:] != pid[:-1]]), len(order)]  # product starts, then the end
+def product_chunks(product: np.ndarray, rows: np.ndarray, chunk_images: int) -> Iterator[np.ndarray]:
+    """Split ``rows`` into chunks of about ``chunk_images`` that never split a product, each grouped by
+    product (``product``: one key per image, e.g. a store's ``product_row``), products in increasing key order."""
+    order = rows[np.argsort(product[rows], kind="stable")]
+    key = product[order]
+    bounds = np.r_[np.flatnonzero(np.r_[True, key[1:] != key[:-1]]), len(order)]  # product starts, then the end
     start = 0
     while start < len(order):
         # the last product boundary within chunk_images, or the end of the first product if it is larger
@@ -760,6 +768,8 @@ def predict_store(
 
     Images are processed product by product in chunks of about ``chunk_images`` rows, so a
     product's images are always aggregated together and memory stays O(chunk x n_leaves).
+    Products are the store's ``product_row``s: two products of a dump that share an ``_id``
+    are predicted (and scored) apart.
 
     Args:
         clf: any classifier of this module.
@@ -774,7 +784,8 @@ def predict_store(
 
     Returns:
         ``(images, products)``: image-level predictions (``ids`` are store rows) and
-        product-level ones (``ids`` are product ids, ``leaf`` the first image's label).
+        product-level ones, in ``product_row`` order (``ids`` are product ids, ``product_row`` the
+        products' rows, ``leaf`` the first image's label).
     """
     views = ["orig", "hflip"] if tta else ["orig"]
     features = {v: store.features(v) for v in views}
@@ -783,15 +794,16 @@ def predict_store(
     rows_all = np.flatnonzero(store.valid)
     clf.predict_proba(features["orig"][rows_all[:64]])  # warm-up, so the timing is of steady-state inference
     image_parts, product_parts = [], []
-    for rows in product_chunks(store.product_id, rows_all, chunk_images):
-        leaf, pid = store.leaf[rows], store.product_id[rows]
+    for rows in product_chunks(store.product_row, rows_all, chunk_images):
+        leaf, product = store.leaf[rows], store.product_row[rows]
         t0 = time.perf_counter()
         proba = sum(clf.predict_proba(features[v][rows]) for v in views) / len(views)
         seconds = time.perf_counter() - t0
-        ids, pproba = aggregate(proba, pid, how)
-        first = np.r_[0, np.flatnonzero(pid[1:] != pid[:-1]) + 1]  # rows are grouped by product
+        product_rows, pproba = aggregate(proba, product, how)
+        first = np.r_[0, np.flatnonzero(product[1:] != product[:-1]) + 1]  # rows are grouped by product
         img = Predictions.from_proba(proba, tax, rows, leaf, k)
-        prod = Predictions.from_proba(pproba, tax, ids, leaf[first], k)
+        prod = Predictions.from_proba(pproba, tax, store.product_id[rows[first]], leaf[first], k)
+        prod.product_row = product_rows
         img.seconds = seconds
         if oracle and hier is not None:
             router = sum(hier.router_proba(features[v][rows]) for v in views) / len(views)
@@ -799,8 +811,8 @@ def predict_store(
             cond = sum(hier.proba_given_branch(features[v][rows], given) for v in views) / len(views)
             img.extra = {"router": router.argmax(1), "oracle": np.where(leaf >= 0, cond.argmax(1), -1)}
             prod.extra = {
-                "router": aggregate(router, pid, how)[1].argmax(1),
-                "oracle": np.where(leaf[first] >= 0, aggregate(cond, pid, how)[1].argmax(1), -1),
+                "router": aggregate(router, product, how)[1].argmax(1),
+                "oracle": np.where(leaf[first] >= 0, aggregate(cond, product, how)[1].argmax(1), -1),
             }
         image_parts.append(img)
         product_parts.append(prod)

@@ -610,18 +610,34 @@ def write_plots(report: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- predictions CSV
-def fill_missing_products(products: Predictions, product_ids: np.ndarray) -> tuple[Predictions, int]:
+def fill_missing_products(
+    products: Predictions, product_ids: np.ndarray, product_rows: np.ndarray | None = None
+) -> tuple[Predictions, int]:
     """One prediction per product of ``product_ids`` (in that order), so a submission lists every product.
 
     A product with no usable image gets the leaves most often predicted for the others,
     with their share of predictions as probability.
 
+    Args:
+        products: product predictions (:func:`~hierclass.inference.predict_store`).
+        product_ids: the ``_id`` of each product wanted.
+        product_rows: the row of each product wanted in the source; predictions are matched by
+            their ``product_row`` then (two products may share an ``_id``). None: matched by id.
+
     Returns:
         The predictions in ``product_ids`` order and the number of products filled in.
     """
     product_ids = np.asarray(product_ids, dtype=np.int64)
-    pos = {int(p): i for i, p in enumerate(products.ids)}
-    where = np.array([pos.get(int(p), -1) for p in product_ids], dtype=np.int64)
+    if product_rows is None:
+        have, wanted = products.ids, product_ids
+    elif products.product_row is None:
+        raise ValueError("product_rows given, but the predictions record no product_row; pass product predictions")
+    else:
+        have, wanted = products.product_row, np.asarray(product_rows, dtype=np.int64)
+    if len(wanted) != len(product_ids):
+        raise ValueError(f"product_rows has {len(wanted)} entries for {len(product_ids)} product_ids")
+    pos = {int(p): i for i, p in enumerate(have)}
+    where = np.array([pos.get(int(p), -1) for p in wanted], dtype=np.int64)
     missing = where < 0
     k = products.topk_leaf.shape[1]
     counts = np.bincount(products.pred, minlength=1)
@@ -644,8 +660,40 @@ def fill_missing_products(products: Predictions, product_ids: np.ndarray) -> tup
         pick(products.topk_prob, share),
         pick(products.level1_prob, share[0]),
         pick(products.level2_prob, share[0]),
+        product_row=None if product_rows is None else wanted,
     )
     return filled, int(missing.sum())
+
+
+def submission_products(
+    products: Predictions, product_ids: np.ndarray, product_rows: np.ndarray
+) -> tuple[Predictions, int, np.ndarray]:
+    """The predictions a submission writes: one per ``_id``, for every product of a source.
+
+    Kaggle takes one row per ``_id``. When products share an ``_id`` (a dump that repeats
+    one; its index reports it), the first of them in the order given keeps the row and the
+    others are left out; the caller names the repeated ids.
+
+    Args:
+        products: product predictions (:func:`~hierclass.inference.predict_store`).
+        product_ids: the ``_id`` of each product of the source.
+        product_rows: the source row of each of them (what the predictions' ``product_row`` hold).
+
+    Returns:
+        ``(predictions, filled, repeated)``: one prediction per distinct ``_id``, in the order
+        of their first products (``product_row``: the rows kept), how many products had no
+        usable image and got the most predicted leaves (see :func:`fill_missing_products`), and
+        the ``_id``s more than one product has, in order of first appearance.
+    """
+    product_ids = np.asarray(product_ids, dtype=np.int64)
+    product_rows = np.asarray(product_rows, dtype=np.int64)
+    if len(product_rows) != len(product_ids):
+        raise ValueError(f"product_rows has {len(product_rows)} entries for {len(product_ids)} product_ids")
+    _, first, counts = np.unique(product_ids, return_index=True, return_counts=True)
+    keep = np.sort(first)
+    repeated = product_ids[np.sort(first[counts > 1])]
+    filled, missing = fill_missing_products(products, product_ids[keep], product_rows[keep])
+    return filled, missing, repeated
 
 
 def submission_rows(

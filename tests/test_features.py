@@ -119,6 +119,22 @@ def test_killed_midway_resumes_to_the_same_features(
         assert np.array_equal(np.asarray(resumed.features(view)), np.asarray(reference.features(view)))
 
 
+def test_products_sharing_an_id_keep_their_own_rows(taxonomy: Taxonomy, tmp_path: Path) -> None:
+    """Each product of the dump is a ``product_row``, also when two share an ``_id``; a store made
+    before product_row was recorded gets the source's rows when extraction finds it complete."""
+    docs = [{"_id": 5, "category_id": 100, "imgs": [{"picture": _jpeg(k)} for k in range(n)]} for n in (2, 1, 2)]
+    docs[1]["_id"], docs[2]["category_id"] = 6, 101
+    path = tmp_path / "dump.bson"
+    path.write_bytes(b"".join(bson.encode(d) for d in docs))
+    store = _extract(path, taxonomy, tmp_path / "f")
+    assert store.product_id.tolist() == [5, 5, 6, 5, 5] and store.product_row.tolist() == [0, 0, 1, 2, 2]
+    index = dict(np.load(store.root / "images.npz"))
+    del index["product_row"]
+    np.savez(store.root / "images.npz", **index)
+    assert FeatureStore.open(store.root).product_row.tolist() == [0, 0, 1, 0, 0]  # by _id, as it was made
+    assert _extract(path, taxonomy, tmp_path / "f").product_row.tolist() == [0, 0, 1, 2, 2]
+
+
 def test_complete_is_idempotent_and_other_settings_are_refused(dump: Path, taxonomy: Taxonomy, tmp_path: Path) -> None:
     out = tmp_path / "f"
     first = _extract(dump, taxonomy, out)

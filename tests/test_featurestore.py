@@ -70,3 +70,22 @@ def test_a_full_disk_is_a_clean_error_before_the_work(tmp_path: Path, monkeypatc
             meta={"taxonomy_fingerprint": "abc"},
         )  # fmt: skip
     assert not (tmp_path / "g" / "meta.json").exists()
+
+
+def test_products_are_told_apart_by_their_row(tmp_path: Path) -> None:
+    """``product_row`` is stored; without it, a product is its ``product_id``'s rank among the store's."""
+    store = FeatureStore.create(
+        tmp_path / "f", dim=2, product_id=np.array([7, 7, 3, 7]), image_number=np.array([0, 1, 0, 0]),
+        leaf=np.zeros(4, int), meta={"taxonomy_fingerprint": "abc"}, product_row=np.array([0, 0, 1, 2]),
+    )  # fmt: skip
+    assert FeatureStore.open(tmp_path / "f", require_complete=False).product_row.tolist() == [0, 0, 1, 2]
+    index = dict(np.load(store.root / "images.npz"))
+    del index["product_row"]  # a store written before product_row was recorded
+    np.savez(store.root / "images.npz", **index)
+    assert FeatureStore.open(tmp_path / "f", require_complete=False).product_row.tolist() == [1, 1, 0, 1]
+    assert make(tmp_path / "g").product_row.tolist() == [0, 0, 1, 1, 2]  # not given: the ids' ranks
+    with pytest.raises(ValueError, match="one entry per image"):
+        FeatureStore.create(
+            tmp_path / "h", dim=2, product_id=np.arange(3), image_number=np.zeros(3, int), leaf=np.zeros(3, int),
+            meta={"taxonomy_fingerprint": "abc"}, product_row=np.arange(2),
+        )  # fmt: skip

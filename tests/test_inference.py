@@ -282,6 +282,26 @@ def test_product_chunks_keep_products_whole() -> None:
         assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1 :])
 
 
+def test_predict_store_keeps_products_sharing_an_id_apart(tmp_path: Path) -> None:
+    """Before: products were grouped by product_id, so two products of one _id became one."""
+    tax = tree(4)
+    pid, row = np.array([8, 8, 3, 8, 8]), np.array([0, 0, 1, 2, 2])  # _id 8: rows 0 and 2, other leaves
+    store = FeatureStore.create(
+        tmp_path / "f", dim=8, product_id=pid, image_number=np.array([0, 1, 0, 0, 1]), leaf=np.array([0, 0, 1, 2, 2]),
+        meta={"taxonomy_fingerprint": tax.fingerprint}, product_row=row,
+    )  # fmt: skip
+    x = np.random.default_rng(0).normal(size=(5, 8))
+    store.write(np.arange(5), {"orig": x}, np.full(5, OK))
+    store.mark_complete()
+    router, experts, _ = random_heads(tax)
+    clf = HierarchicalClassifier(router, experts, tax)
+    for size in (1, 100):
+        _, prod = predict_store(clf, FeatureStore.open(tmp_path / "f"), chunk_images=size)
+        assert (prod.ids.tolist(), prod.product_row.tolist(), prod.leaf.tolist()) == ([8, 3, 8], [0, 1, 2], [0, 1, 2])
+        _, expected = aggregate(clf.predict_proba(store.features()[:]), row)
+        np.testing.assert_allclose(prod.confidence, expected.max(1), atol=1e-6)
+
+
 def test_predict_store_chunking_and_tta(tmp_path: Path) -> None:
     tax = tree(4)
     store = make_store(tmp_path / "f", tax)

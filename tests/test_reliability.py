@@ -7,6 +7,7 @@ that the command names what it could not use in one line, and fails under ``--st
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,72 @@ def test_repeated_ids_are_reported(tmp_path: Path) -> None:
     assert f"_id {products[1][0]} appears again" in source.problems()[0]
     result = runner.invoke(app, ["index", str(dump), "--strict", "--no-progress"])
     assert "appears again" in one_error_line(result)
+
+
+def _twin_dump(path: Path, products: list) -> tuple[int, int]:
+    """``products`` plus a last product of another category and images that reuses the ``_id`` of
+    the second: ``(that _id, the twin's category_id)``."""
+    twin = (products[1][0], products[7][1], products[7][2])
+    write_dump(path, [*products, twin])
+    return twin[0], twin[1]
+
+
+def test_evaluate_keeps_products_that_share_an_id_apart(flat_run: tuple[Path, Path, list], tmp_path: Path) -> None:
+    """Before: the two products of one _id (two categories) were scored as one product, with the
+    first one's label and the images of both: 12 products for a dump of 13."""
+    _, run_dir, products = flat_run
+    dump = tmp_path / "twins.bson"
+    _twin_dump(dump, products)
+    out = tmp_path / "report"
+    args = ["evaluate", "--run", str(run_dir), "--data", str(dump), "--out", str(out), "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "appears again" in result.stderr  # the index's warning
+    report = json.loads((out / "report.json").read_text())
+    n_images = sum(len(p[2]) for p in products) + len(products[7][2])
+    assert (report["flat"]["n_products"], report["flat"]["n_images"]) == (len(products) + 1, n_images)
+
+
+def test_predict_writes_one_row_per_id(flat_run: tuple[Path, Path, list], tmp_path: Path) -> None:
+    """Before: two rows for the repeated _id (Kaggle rejects the file), both the mean over the
+    images of the two products, and not a word."""
+    _, run_dir, products = flat_run
+    good, twins = tmp_path / "good.bson", tmp_path / "twins.bson"
+    write_dump(good, products)
+    repeated, _ = _twin_dump(twins, products)
+    args = ["predict", "--run", str(run_dir), "--model", "flat", "--topk", "1", "--no-progress"]
+    rows = {}
+    for dump in (good, twins):
+        out = tmp_path / f"{dump.stem}.csv"
+        result = runner.invoke(app, [*args, "--data", str(dump), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        rows[dump.stem] = list(csv.DictReader(out.open()))
+    assert [int(r["_id"]) for r in rows["twins"]] == [p[0] for p in products]  # one row per _id
+    for a, b in zip(rows["twins"], rows["good"], strict=True):  # the first product's prediction, its own
+        assert (a["_id"], a["category_id"]) == (b["_id"], b["category_id"])
+        assert float(a["top1_prob"]) == pytest.approx(float(b["top1_prob"]), abs=1e-4)
+    (warning,) = [line for line in result.stderr.splitlines() if "repeat the _id" in line]
+    assert f"1 product(s) repeat the _id of an earlier one (_id {repeated})" in warning
+    assert "one row per _id" in warning
+    strict = runner.invoke(app, [*args, "--data", str(twins), "--out", str(tmp_path / "s.csv"), "--strict",
+                                 "--features-cache", str(tmp_path / "c")])  # fmt: skip
+    assert f"_id {repeated} appears again" in one_error_line(strict)
+
+
+def test_predict_features_of_products_sharing_an_id(flat_run: tuple[Path, Path, list], tmp_path: Path) -> None:
+    """``predict --features`` too: one row per _id, with a warning."""
+    tax_csv, run_dir, products = flat_run
+    dump = tmp_path / "twins.bson"
+    repeated, _ = _twin_dump(dump, products)
+    feats = tmp_path / "f"
+    extract = ["extract-features", "--data", str(dump), "--taxonomy", str(tax_csv), *TINY, "--out", str(feats)]
+    assert runner.invoke(app, extract).exit_code == 0
+    out = tmp_path / "s.csv"
+    args = ["predict", "--run", str(run_dir), "--model", "flat", "--features", str(feats), "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert [int(r["_id"]) for r in csv.DictReader(out.open())] == [p[0] for p in products]
+    assert f"(_id {repeated})" in result.stderr
 
 
 @pytest.mark.parametrize("content", [b"", bytes(range(256)) * 40], ids=["empty", "random-bytes"])

@@ -11,7 +11,14 @@ from hierclass.engine import KINDS, TrainConfig, train_head
 from hierclass.errors import CheckpointError
 from hierclass.featurestore import FeatureStore, FeatureStoreError
 from hierclass.inference import FusedClassifier, HierarchicalClassifier, Predictions
-from hierclass.report import evaluate, fill_missing_products, submission_rows, write_predictions, write_report
+from hierclass.report import (
+    evaluate,
+    fill_missing_products,
+    submission_products,
+    submission_rows,
+    write_predictions,
+    write_report,
+)
 from hierclass.run import check_store, load_models
 from hierclass.synthetic import write_synthetic_store
 from hierclass.taxonomy import Taxonomy
@@ -207,6 +214,20 @@ def test_fill_missing_products() -> None:
     assert n == 1 and filled.ids.tolist() == [13, 99, 11]
     assert filled.pred.tolist() == [2, 2, 0]  # the most predicted leaf for the missing product
     assert filled.topk_prob[1, 0] == pytest.approx(2 / 3)
+
+
+def test_submission_products_one_per_id() -> None:
+    """Products are matched by their source row; of products sharing an _id, the first keeps the row."""
+    tax, preds = preds_fixture()
+    preds.ids, preds.product_row = np.array([11, 12, 11]), np.array([0, 1, 2])
+    filled, n = fill_missing_products(preds, np.array([11, 11, 12]), np.array([2, 0, 1]))
+    assert n == 0 and filled.ids.tolist() == [11, 11, 12] and filled.pred.tolist() == [2, 0, 2]
+    assert filled.product_row.tolist() == [2, 0, 1]
+    kept, n, repeated = submission_products(preds, np.array([11, 12, 11, 14, 14]), np.arange(5))
+    assert kept.ids.tolist() == [11, 12, 14] and kept.product_row.tolist() == [0, 1, 3]
+    assert kept.pred.tolist() == [0, 2, 2] and n == 1 and repeated.tolist() == [11, 14]  # row 3: no prediction
+    with pytest.raises(ValueError, match="record no product_row"):
+        fill_missing_products(preds_fixture()[1], np.array([11]), np.array([0]))
 
 
 def test_calibration_on_the_training_holdout(run: tuple[Path, Path, Path]) -> None:

@@ -382,7 +382,9 @@ def evaluate_command(
 @command(name="predict")
 def predict_command(
     run: RunDirs,
-    out: Annotated[Path, typer.Option(help="The CSV to write: _id,category_id, one row per product.")],
+    out: Annotated[
+        Path, typer.Option(help="The CSV to write: _id,category_id, one row per _id (path,... per image file).")
+    ],
     data: PredictDataOpt = None,
     features: FeaturesOpt = None,
     taxonomy: TaxonomyOpt = None,
@@ -413,9 +415,10 @@ def predict_command(
 ) -> None:
     """Predict the category of every product of a dump, in Kaggle's submission format.
 
-    A source whose products carry SKUs (see ``hierclass import``) adds a ``sku`` column. Image files
-    (or a folder of them) get one row each, with their ``path`` in place of ``_id`` and a ``reason``
-    column that says why an image that could not be used has no prediction.
+    A source whose products carry SKUs (see ``hierclass import``) adds a ``sku`` column. Products
+    that share an ``_id`` are predicted apart; the first of them gets the row, with a warning. Image
+    files (or a folder of them) get one row each, with their ``path`` in place of ``_id`` and a
+    ``reason`` column that says why an image that could not be used has no prediction.
     """
     check_writable_file(out, "--out")  # before the work, not after it
     from hierclass.predictor import image_files
@@ -438,7 +441,7 @@ def predict_command(
     import numpy as np
 
     from hierclass.inference import predict_store
-    from hierclass.report import fill_missing_products
+    from hierclass.report import submission_products
 
     runs = load_runs(run, taxonomy, combine=combine, k=k, batch_size=batch_size, only_flat=model is Model.flat)
     tax = runs[0].taxonomy
@@ -470,7 +473,7 @@ def predict_command(
         from hierclass.data import open_source, source_skus
 
         source = open_source(data, progress=False, taxonomy=tax)
-        product_ids, skus = source.product_ids, source_skus(source)
+        product_ids, product_rows, skus = source.product_ids, np.arange(len(source)), source_skus(source)
         report = getattr(source, "report", None)
         if report is not None and not report.ok:
             parts = [f"{n} {what}" for n, what in ((report.n_no_images, "document(s) without images"),
@@ -484,9 +487,19 @@ def predict_command(
                     err=True,
                 )
     else:
-        product_ids = np.unique(store.product_id)
-    products, missing = fill_missing_products(products, product_ids)
-    sku_of = None if skus is None else dict(zip(product_ids.tolist(), skus, strict=True))
+        product_rows, first = np.unique(store.product_row, return_index=True)
+        product_ids = store.product_id[first]
+    products, missing, repeated = submission_products(products, product_ids, product_rows)
+    if len(repeated):
+        named = ", ".join(str(i) for i in repeated[:5]) + (", ..." if len(repeated) > 5 else "")
+        typer.echo(
+            f"warning: {data or features}: {len(product_ids) - len(products)} product(s) repeat the _id of an "
+            f"earlier one (_id {named}); {out} has one row per _id, the prediction for its first product "
+            "(give each product its own _id to predict them all)",
+            err=True,
+        )
+    kept = zip(products.ids, products.product_row, strict=True)  # each _id and the source row it kept
+    sku_of = None if skus is None else {int(i): skus[r] for i, r in kept}
     write_submission(out, products, tax, topk, abstain_threshold, sku_of)
     note = f" ({missing} without a usable image got the most predicted leaf)" if missing else ""
     typer.echo(f"wrote {len(products)} products to {out} with the {model.value} model{note}")
