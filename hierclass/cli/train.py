@@ -75,7 +75,15 @@ TaxonomyCsv = Annotated[
         help="The category_names.csv of the labels; default: the run's copy, else the one the features were made with.",
     ),
 ]
-RunDir = Annotated[Path, typer.Option("--run", help="Run directory; the head goes to RUN/<router|experts|flat>.")]
+RunDir = Annotated[
+    Path,
+    typer.Option(
+        "--run",
+        "--run-dir",
+        help="Run directory; the head goes to RUN/<router|experts|flat>. --run-dir is the same option, for "
+        "torchrun, whose own parser takes --run as its --run-path.",
+    ),
+]
 ConfigFile = Annotated[
     Path | None,
     typer.Option("--config", exists=True, dir_okay=False, help="A TOML file of training options (the option names)."),
