@@ -1,0 +1,87 @@
+"""torchrun on the CPU (gloo): two processes with batch B take the same steps as one process with batch 2B.
+
+The model is a random-init timm test_efficientnet with ``--bn frozen`` (batch norms use their stored
+statistics: per-process batch statistics of B images would differ from those of 2B, by design of
+BatchNorm, not of the training) and no augmentation (``--no-augment``), so the only difference left
+is the order of floating-point sums in the gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from hierclass.data.splits import holdout_mask
+from hierclass.data.training import ImageRows
+from hierclass.engine import TrainConfig, train_head
+from hierclass.taxonomy import Taxonomy
+
+REPO = Path(__file__).resolve().parents[1]
+
+B = 8  # images per process and step
+COMMON = {"backbone": "test_efficientnet", "pretrained": "none", "image_size": 32, "epochs": 1, "lr": 3e-3}
+COMMON |= {"augment": False, "bn": "frozen", "workers": 0, "top_lr_ratio": 1.0, "progress": False}
+
+
+def _even_holdout(images: ImageRows) -> float:
+    """A holdout fraction that leaves an even number of training images: the two processes then get equal
+    shares of every step (DistributedSampler pads an odd count by repeating an image, one process does not)."""
+    for fraction in (0.1, 0.15, 0.2, 0.25):
+        if (~holdout_mask(images.product_id, images.leaf, fraction, 0)).sum() % 2 == 0:
+            return fraction
+    raise AssertionError("no holdout fraction gives an even training set")
+
+
+def test_two_gloo_processes_with_batch_b_equal_one_with_batch_2b(
+    cdiscount_sample_bson: Path, cdiscount_taxonomy_csv: Path, tmp_path: Path
+) -> None:
+    tax = Taxonomy.from_csv(cdiscount_taxonomy_csv)
+    images = ImageRows.open(cdiscount_sample_bson, tax)
+    holdout = _even_holdout(images)
+    torch.set_num_threads(1)
+    one = train_head(
+        "flat", images, None, tax, TrainConfig(**COMMON, holdout=holdout, batch_size=2 * B), tmp_path / "one"
+    )
+    assert one["n_train"] % 2 == 0 and one["n_train"] > 4 * B  # several steps, some of them full
+
+    args = ["--train", str(cdiscount_sample_bson), "--taxonomy", str(cdiscount_taxonomy_csv)]
+    args += ["--run-dir", str(tmp_path / "two"), "--batch-size", str(B), "--holdout", str(holdout)]
+    args += ["--backbone", "test_efficientnet", "--pretrained", "none", "--image-size", "32", "--epochs", "1"]
+    args += ["--lr", "3e-3", "--no-augment", "--bn", "frozen", "--workers", "0", "--top-lr-ratio", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*launcher, "-m", "hierclass", "train-flat", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("saved ") == 1  # rank 0 alone reports and writes
+    meta_two = (tmp_path / "two" / "flat" / "meta.json").read_text()
+    assert '"world_size": 2' in meta_two
+
+    for part in ("backbone.safetensors", "model.safetensors"):
+        a, b = load_file(str(tmp_path / "one" / part)), load_file(str(tmp_path / "two" / "flat" / part))
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), (part, name, (a[name] - b[name]).abs().max())
+    start = _fresh_backbone()
+    trained = load_file(str(tmp_path / "two" / "flat" / "backbone.safetensors"))
+    assert any(not torch.equal(trained[k], start[k]) for k in start if k.endswith("weight"))  # it did train
+    np.testing.assert_allclose(_holdout_loss(tmp_path / "two" / "flat"), _holdout_loss(tmp_path / "one"), rtol=1e-4)
+
+
+def _fresh_backbone() -> dict[str, torch.Tensor]:
+    from hierclass.models.backbone import create_backbone
+
+    return create_backbone("test_efficientnet", "none").state_dict()
+
+
+def _holdout_loss(head_dir: Path) -> float:
+    import json
+
+    return float(json.loads((head_dir / "meta.json").read_text())["metrics"]["holdout_loss"])
