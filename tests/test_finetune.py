@@ -204,3 +204,41 @@ def test_amp_and_channels_last_train_on_cuda(catalogue, taxonomy, tmp_path: Path
     config = TrainConfig(**TINY, epochs=1, batch_size=16, device="cuda", amp=amp, channels_last=True, grad_clip=1.0)
     m = train_head("flat", images, None, taxonomy, config, tmp_path / amp)
     assert np.isfinite(m["train_loss"]) and (tmp_path / amp / "backbone.safetensors").is_file()
+
+
+def test_kill_9_and_the_same_command_again_continues_to_the_same_weights(catalogue, taxonomy, tmp_path: Path) -> None:  # noqa: ANN001
+    """The command line killed with SIGKILL once its resume state is on disk, then run again unchanged."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from hierclass.engine import RESUME_FILE
+
+    options = {"epochs": 3, "patience": 0, "batch_size": 4, "checkpoint_every": 2, "dropout": 0.1}
+    whole = TrainConfig(**TINY, **options)
+    train_head("flat", ImageRows.open(catalogue.train, taxonomy), None, taxonomy, whole, tmp_path / "whole")
+
+    args = ["train-flat", "--train", str(catalogue.train), "--taxonomy", str(catalogue.taxonomy)]
+    args += ["--run-dir", str(tmp_path / "run"), "--backbone", BACKBONE, "--pretrained", "none"]
+    args += ["--image-size", str(SIZE), "--workers", "0", "--no-progress"]
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "hierclass", *args]
+    state = tmp_path / "run" / "flat" / RESUME_FILE
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the training ended before its first checkpoint could be killed"
+    assert state.exists() and not (tmp_path / "run" / "flat" / "meta.json").exists()
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from epoch" in again.stderr
+    for part in ("backbone.safetensors", "model.safetensors"):
+        a, b = load_file(str(tmp_path / "whole" / part)), load_file(str(tmp_path / "run" / "flat" / part))
+        for name in a:
+            assert torch.equal(a[name], b[name]), (part, name)
