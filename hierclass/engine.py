@@ -1240,19 +1240,19 @@ def _image_model(task: Task, config: TrainConfig) -> tuple[nn.Module, dict[str, 
     """A fresh :class:`ImageClassifier` for ``task`` and what its features are (backbone, weights, preprocessing)."""
     from hierclass.data import PREPROCESS
     from hierclass.features import _data_config
-    from hierclass.models.backbone import create_backbone
+    from hierclass.models.backbone import create_backbone, pooled_dim
     from hierclass.models.finetune import ImageClassifier
 
     assert config.backbone is not None and config.pretrained is not None
     backbone = create_backbone(config.backbone, config.pretrained)
-    head = task.build_model(int(backbone.num_features), dataclasses.replace(config, standardize=False))
+    head = task.build_model(pooled_dim(backbone), dataclasses.replace(config, standardize=False))
     model = ImageClassifier(backbone, head, config.top_stages, config.bn)
     meta = {
         "backbone": config.backbone,
         "data_config": _data_config(backbone, config.image_size, None),
         "preprocess": PREPROCESS,
         "engine": "onnx",
-        "dim": int(backbone.num_features),
+        "dim": pooled_dim(backbone),
         "fine_tuned_from": str(config.pretrained),
     }
     return model, meta

@@ -27,7 +27,7 @@ from hierclass.data import PREPROCESS, EvalTransform, ImageDataset, image_rows, 
 from hierclass.defaults import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Engine
 from hierclass.errors import DumpError, TaxonomyError
 from hierclass.featurestore import BAD, OK, FeatureStore, FeatureStoreError
-from hierclass.models.backbone import create_backbone, data_config, source_fingerprint
+from hierclass.models.backbone import create_backbone, data_config, pooled_dim, source_fingerprint
 from hierclass.onnx_runtime import OnnxBackbone, export_onnx, stamp_of
 from hierclass.taxonomy import Taxonomy
 
@@ -97,7 +97,7 @@ class FeatureExtractor:
         self.model = create_backbone(backbone, pretrained)
         self.data_config = _data_config(self.model, image_size, crop_pct)
         self.preprocess = resolve_transform(self.data_config)
-        self.dim = int(self.model.num_features)
+        self.dim = pooled_dim(self.model)
         self.map_shape: tuple[int, int, int] | None = None
         if top_stages:
             from hierclass.models.trunk import checked_split
@@ -275,7 +275,7 @@ def extract_features(
         "taxonomy_fingerprint": tax.fingerprint,
         **({"shard": shard_meta} if shard_meta is not None else {}),
     }
-    dim = int(model.num_features)
+    dim = pooled_dim(model)
     shape_meta: dict[str, Any] = {}
     if top_stages < 0:
         raise ValueError(f"top_stages must be >= 0, got {top_stages}")
@@ -285,7 +285,7 @@ def extract_features(
         shape = checked_split(model, top_stages, tuple(settings["data_config"]["input_size"]))[2]
         dim = int(np.prod(shape))
         settings["top_stages"] = int(top_stages)
-        shape_meta = {"map_shape": list(shape), "num_features": int(model.num_features)}
+        shape_meta = {"map_shape": list(shape), "num_features": pooled_dim(model)}
     del model
     with _exclusive(out):  # one writer per folder
         resumed = (out / "meta.json").is_file()

@@ -242,3 +242,12 @@ def test_kill_9_and_the_same_command_again_continues_to_the_same_weights(catalog
         a, b = load_file(str(tmp_path / "whole" / part)), load_file(str(tmp_path / "run" / "flat" / part))
         for name in a:
             assert torch.equal(a[name], b[name]), (part, name)
+
+
+def test_the_head_is_as_wide_as_what_the_backbone_returns() -> None:
+    from hierclass.models.backbone import pooled_dim
+
+    for name in ("mobilenetv3_small_050", BACKBONE):  # MobileNetV3: a conv head after the pooling, 288 -> 1024
+        backbone = create_backbone(name, "none")
+        with torch.no_grad():
+            assert backbone(torch.zeros(1, 3, SIZE, SIZE)).shape[1] == pooled_dim(backbone), name

@@ -100,6 +100,12 @@ def create_backbone(name: str, pretrained: str = "none", *, keep_classifier: boo
     return model.eval()
 
 
+def pooled_dim(model: nn.Module) -> int:
+    """The width of what a timm model built with ``num_classes=0`` returns: ``num_features``, or, for models
+    with a conv head after the pooling (MobileNetV3: 288 -> 1024), ``head_hidden_size``."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
 def data_config(model: nn.Module, image_size: int | None = None) -> dict[str, Any]:
     """The model's preprocessing (input size, mean, std, interpolation, crop), as plain JSON types.
 

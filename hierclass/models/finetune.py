@@ -29,7 +29,7 @@ class ImageClassifier(nn.Module):
 
     Args:
         backbone: a timm model built with ``num_classes=0`` (pooled features).
-        head: a RouterHead, FlatHead or ExpertHeads of width ``backbone.num_features``.
+        head: a RouterHead, FlatHead or ExpertHeads as wide as the backbone's pooled output.
         trainable_stages: None to train the whole backbone, N to train its last N stages only
             (plus its final conv / norm), the rest frozen.
         bn: ``"train"`` or ``"frozen"`` (every batch norm keeps its running statistics).
