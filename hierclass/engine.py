@@ -252,9 +252,15 @@ class Split:
         return shard(order, dist)
 
     def batches(
-        self, positions: np.ndarray, batch_size: int, device: torch.device, channels_last: bool = False
+        self,
+        positions: np.ndarray,
+        batch_size: int,
+        device: torch.device,
+        channels_last: bool = False,
+        epoch: int | None = None,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """``(features, targets)`` on ``device`` for consecutive ``batch_size`` slices of ``positions``."""
+        """``(features, targets)`` on ``device`` for consecutive ``batch_size`` slices of ``positions``
+        (``channels_last`` and ``epoch`` concern images; stored features ignore them)."""
         for start in range(0, len(positions), batch_size):
             feats, target = self.batch(positions[start : start + batch_size])
             yield torch.from_numpy(feats).to(device), torch.from_numpy(target).to(device)
@@ -654,7 +660,7 @@ def train_one_epoch(
     n_batches = math.ceil(len(positions) / bs)
     total, seen = loop.partial if skip else (0.0, 0)
     bar = tqdm(total=n_batches, initial=skip, desc=desc, unit="batch", leave=False, disable=_no_bar(config))
-    batches = data.batches(positions[skip * bs :], bs, device, _channels_last(config))
+    batches = data.batches(positions[skip * bs :], bs, device, _channels_last(config), epoch=epoch)
     for i, (x, t) in enumerate(batches, start=skip):
         if len(t) == 0 and not loop.dist.active:  # every image of the batch failed to decode
             continue
@@ -798,8 +804,9 @@ def fit_adamw(
     scaler, EMA, step, epoch and batch within it, random generators) is saved there after every epoch
     and every ``config.checkpoint_every`` steps, atomically and by rank 0 only; a training killed
     midway and started again with the same task, data and config continues from its last checkpoint
-    and ends with the same weights as one that was never interrupted (in one process; with several,
-    augmentations may differ). The file is removed when training ends.
+    and ends with the same weights as one that was never interrupted (each image's augmentation is
+    seeded by the epoch and its place in it: :class:`~hierclass.data.training.ImageSplit`). The file is
+    removed when training ends.
 
     A model with a backbone to freeze (:class:`~hierclass.models.finetune.ImageClassifier`) trains its
     head alone for ``config.warmup_frozen_epochs`` epochs, then its backbone too, at ``top_lr_ratio``

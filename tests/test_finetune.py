@@ -138,14 +138,14 @@ def test_top_stages_freeze_the_stem_and_lower_stages() -> None:
 def test_killed_mid_epoch_resumes_to_the_same_weights(
     catalogue, taxonomy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # noqa: ANN001
-    """A kill right after a mid-epoch checkpoint (--checkpoint-every), with augmentation, dropout and EMA on:
-    the restarted run skips the batches done and ends with the uninterrupted run's weights, bit for bit."""
+    """A kill right after a mid-epoch checkpoint (--checkpoint-every), with augmentation (RandAugment too,
+    decoded in a worker process), dropout and EMA on: the restarted run skips the batches done and ends
+    with the uninterrupted run's weights, bit for bit."""
     from hierclass import engine
 
     images = ImageRows.open(catalogue.train, taxonomy)
-    config = TrainConfig(
-        **TINY, epochs=2, patience=0, batch_size=8, dropout=0.2, checkpoint_every=3, ema_decay=0.9, flip=True
-    )
+    options = {**TINY, "workers": 1, "rand_augment": "rand-m9-mstd0.5", "epochs": 2, "patience": 0}
+    config = TrainConfig(**options, batch_size=8, dropout=0.2, checkpoint_every=3, ema_decay=0.9)
     whole = train_head("flat", images, None, taxonomy, config, tmp_path / "whole")
     real_save, saves = engine._save_resume, []
 

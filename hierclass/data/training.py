@@ -137,11 +137,19 @@ class ImageSplit:
         return np.fromiter(iter(sampler), dtype=np.int64)
 
     def batches(
-        self, positions: np.ndarray, batch_size: int, device: torch.device, channels_last: bool = False
+        self,
+        positions: np.ndarray,
+        batch_size: int,
+        device: torch.device,
+        channels_last: bool = False,
+        epoch: int | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(images, targets)`` on ``device`` for consecutive ``batch_size`` slices of ``positions``.
 
-        Images that do not decode are left out of their batch (with their targets).
+        With ``epoch`` (training), each image's random augmentation is drawn from generators seeded by
+        the run's seed, the epoch and the image's position: the same whichever worker or process
+        decodes it, and after a restart in the middle of the epoch. Images that do not decode are left
+        out of their batch (with their targets).
         """
         if self.pipeline is None:
             raise ValueError("ImageSplit.batches needs a pipeline (the transform and workers)")
@@ -149,6 +157,8 @@ class ImageSplit:
         rows = self.rows[positions]
         images = self.images
         dataset = ImageDataset(images.source, transform, images.product_row[rows], images.image_number[rows])
+        if epoch is not None and not isinstance(transform, EvalTransform):
+            dataset = _SeededImages(dataset, positions, self.pipeline.seed, epoch)
         chunks = [list(range(s, min(s + batch_size, len(positions)))) for s in range(0, len(positions), batch_size)]
         workers = self.pipeline.workers
         loader = torch.utils.data.DataLoader(
@@ -171,6 +181,36 @@ class ImageSplit:
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, target[torch.from_numpy(good)].to(device, non_blocking=True)
+
+
+class _SeededImages(torch.utils.data.Dataset):
+    """An :class:`ImageDataset` whose item ``i`` is augmented with torch's, Python's and numpy's generators
+    seeded by ``(seed, epoch, key[i])``, the caller's generators left as they were."""
+
+    def __init__(self, dataset: ImageDataset, keys: np.ndarray, seed: int, epoch: int) -> None:
+        self.dataset, self.keys, self.seed, self.epoch = dataset, np.asarray(keys), seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
+        import random
+
+        s = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(self.keys[i])) % 2**63
+        state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                random.seed(s)
+                np.random.seed(s % 2**32)  # RandAugment picks its operations with numpy
+                return self.dataset[i]
+        finally:
+            random.setstate(state)
+            np.random.set_state(np_state)
+
+    @property
+    def collate(self) -> Callable[..., Any]:
+        return self.dataset.collate
 
 
 def _normalize_on(transform: EvalTransform, x: torch.Tensor) -> torch.Tensor:
