@@ -251,3 +251,17 @@ def test_the_head_is_as_wide_as_what_the_backbone_returns() -> None:
         backbone = create_backbone(name, "none")
         with torch.no_grad():
             assert backbone(torch.zeros(1, 3, SIZE, SIZE)).shape[1] == pooled_dim(backbone), name
+
+
+def test_experts_and_router_fine_tune_from_images_through_the_cli(catalogue, tmp_path: Path) -> None:  # noqa: ANN001
+    base = ["--train", str(catalogue.train), "--val", str(catalogue.val), "--taxonomy", str(catalogue.taxonomy)]
+    base += ["--run-dir", str(tmp_path / "run"), "--backbone", BACKBONE, "--pretrained", "none"]
+    base += ["--image-size", str(SIZE), "--workers", "0", "--epochs", "1", "--batch-size", "16"]
+    for command, kind in (("train-experts", "experts"), ("train-router", "router")):
+        result = runner.invoke(app, [command, *base])
+        assert result.exit_code == 0, result.output
+        assert f"{kind}: AdamW, best epoch 1/1" in result.stdout and "val acc" in result.stdout
+        model, meta = load_model(tmp_path / "run" / kind, Taxonomy.from_csv(catalogue.taxonomy))
+        assert meta["head"]["kind"] == kind and meta["features"]["dim"] == model.dim
+    wrong = runner.invoke(app, ["train-experts", *base, "--branch", "SYNTH HOME", "--overwrite"])
+    assert wrong.exit_code == 1 and "--branch retrains one expert on features" in wrong.stderr
