@@ -265,3 +265,44 @@ def test_experts_and_router_fine_tune_from_images_through_the_cli(catalogue, tmp
         assert meta["head"]["kind"] == kind and meta["features"]["dim"] == model.dim
     wrong = runner.invoke(app, ["train-experts", *base, "--branch", "SYNTH HOME", "--overwrite"])
     assert wrong.exit_code == 1 and "--branch retrains one expert on features" in wrong.stderr
+
+
+def test_mixup_cutmix_randaugment_clipping_and_top_stages_train_together(catalogue, taxonomy, tmp_path: Path) -> None:  # noqa: ANN001
+    images = ImageRows.open(catalogue.train, taxonomy)
+    config = TrainConfig(
+        **TINY, epochs=1, batch_size=8, mixup=0.2, cutmix=1.0, rand_augment="rand-m9-mstd0.5", grad_clip=0.5,
+        top_stages=1,
+    )  # fmt: skip
+    m = train_head("flat", images, None, taxonomy, config, tmp_path / "flat")
+    assert np.isfinite(m["train_loss"])
+    start, after = create_backbone(BACKBONE, "none").state_dict(), _backbone_of(tmp_path / "flat")
+    last = f"blocks.{len(create_backbone(BACKBONE, 'none').blocks) - 1}."
+    for name, value in start.items():
+        if name.startswith(("conv_stem", "bn1", "blocks.0.")):
+            assert torch.equal(after[name], value), name  # below the last stage: frozen
+    assert any(not torch.equal(after[n], start[n]) for n in start if n.startswith(last))
+
+
+def test_experts_tops_train_on_the_maps_of_a_fine_tuned_backbone(catalogue, taxonomy, tmp_path: Path) -> None:  # noqa: ANN001
+    """HD-CNN style: a flat CNN fine-tuned from images is the trunk whose maps the experts' tops train on."""
+    from hierclass.features import extract_features
+
+    images = ImageRows.open(catalogue.train, taxonomy)
+    train_head("flat", images, None, taxonomy, TrainConfig(**TINY, epochs=1, batch_size=16), tmp_path / "ft" / "flat")
+    maps = extract_features(
+        catalogue.train, taxonomy, BACKBONE, str(tmp_path / "ft" / "flat"), tmp_path / "maps", engine="torch",
+        image_size=SIZE, top_stages=1, progress=False,
+    )  # fmt: skip
+    assert maps.meta["pretrained_sha256"]  # the fine-tuned weights, fingerprinted
+    config = TrainConfig(epochs=1, progress=False)
+    m = train_head("experts", maps, None, taxonomy, config, tmp_path / "tops" / "experts")
+    assert m["solver"] == "adamw" and np.isfinite(m["train_loss"])
+    from hierclass.models.tops import make_top
+
+    # The tops start from the fine-tuned last stage, not from the backbone it was fine-tuned from.
+    top = make_top(BACKBONE, maps.meta["pretrained"], 1).state_dict()
+    tuned, untuned = _backbone_of(tmp_path / "ft" / "flat"), create_backbone(BACKBONE, "none").state_dict()
+    last = f"blocks.{len(create_backbone(BACKBONE, 'none').blocks) - 1}."
+    names = [n for n in tuned if n.startswith(last)]
+    assert names and all(torch.equal(top[n], tuned[n]) for n in names)
+    assert any(not torch.equal(tuned[n], untuned[n]) for n in names)
