@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -85,3 +86,44 @@ def _holdout_loss(head_dir: Path) -> float:
     import json
 
     return float(json.loads((head_dir / "meta.json").read_text())["metrics"]["holdout_loss"])
+
+
+def test_heads_on_stored_features_train_the_same_under_torchrun(tmp_path: Path) -> None:
+    """The same loop on a feature folder (no real data needed): experts of MLP heads, whose batches only run
+    some experts (DDP's unused parameters), 2 processes x B = 1 process x 2B."""
+    import csv
+
+    from hierclass.featurestore import FeatureStore
+    from hierclass.synthetic import write_synthetic_store
+
+    csv_path = tmp_path / "category_names.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["category_id", "category_level1", "category_level2", "category_level3"])
+        w.writerows((i, f"BRANCH {i % 3}", f"mid {i % 4}", f"leaf {i}") for i in range(12))
+    tax = Taxonomy.from_csv(csv_path)
+    write_synthetic_store(tmp_path / "feats", tax, 400, 8, seed=1, noise=0.3)
+    store = FeatureStore.open(tmp_path / "feats")
+    holdout = next(
+        h for h in (0.1, 0.15, 0.2, 0.25) if (~holdout_mask(store.product_id, store.leaf, h, 0)).sum() % 2 == 0
+    )
+    options = {"solver": "adamw", "hidden": 8, "epochs": 2, "lr": 0.01, "holdout": holdout, "progress": False}
+    torch.set_num_threads(1)
+    train_head("experts", store, None, tax, TrainConfig(**options, batch_size=2 * B), tmp_path / "one")
+
+    args = ["--train", str(tmp_path / "feats"), "--taxonomy", str(csv_path), "--run-dir", str(tmp_path / "two")]
+    args += ["--solver", "adamw", "--hidden", "8", "--epochs", "2", "--lr", "0.01", "--holdout", str(holdout)]
+    args += ["--batch-size", str(B)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*launcher, "-m", "hierclass", "train-experts", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (
+        load_file(str(tmp_path / "one" / "model.safetensors")),
+        load_file(str(tmp_path / "two" / "experts" / "model.safetensors")),
+    )
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), (name, (a[name] - b[name]).abs().max())
+    assert _holdout_loss(tmp_path / "two" / "experts") == pytest.approx(_holdout_loss(tmp_path / "one"), rel=1e-4)
