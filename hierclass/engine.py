@@ -2,9 +2,13 @@
 
 The three heads differ only by their :class:`Task`: which samples they learn from, their
 targets and how the model's output becomes log-probabilities over the admissible classes.
-Everything else (minibatches streamed from the float16 feature memmap, AdamW with warm-up
-and cosine decay, label smoothing, class balancing, validation, early stopping, logging,
-checkpointing) is shared in :func:`train_head`.
+Everything else (minibatches, AdamW with warm-up and cosine decay, label smoothing, class
+balancing, validation, early stopping, logging, checkpointing and resuming) is shared in
+:func:`train_head`, and one loop (:func:`train_one_epoch`) serves the three kinds of input:
+pooled vectors and trunk maps streamed from a float16 feature store (:class:`Split`), and
+images decoded and augmented as they go (:class:`~hierclass.data.training.ImageSplit`), where
+the model is a whole CNN (:class:`~hierclass.models.finetune.ImageClassifier`). Under torchrun
+the same loop runs in every process, through DistributedDataParallel (:mod:`hierclass.distributed`).
 
 * router: every labelled image, target = its level-1 branch.
 * flat: every labelled image, target = its leaf.
