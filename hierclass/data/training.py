@@ -147,33 +147,18 @@ class ImageSplit:
         """``(images, targets)`` on ``device`` for consecutive ``batch_size`` slices of ``positions``.
 
         With ``epoch`` (training), each image's random augmentation is drawn from generators seeded by
-        the run's seed, the epoch and the image's position: the same whichever worker or process
-        decodes it, and after a restart in the middle of the epoch. Images that do not decode are left
-        out of their batch (with their targets).
+        the run's seed, the epoch and the image's row: the same whichever worker or process decodes it,
+        and after a restart in the middle of the epoch. Images that do not decode are left out of their
+        batch (with their targets). One DataLoader serves every call: its workers live as long as the split.
         """
         if self.pipeline is None:
             raise ValueError("ImageSplit.batches needs a pipeline (the transform and workers)")
+        loader, plan = self._loader(device)
+        plan.batches = [
+            [(int(p), epoch) for p in positions[s : s + batch_size]] for s in range(0, len(positions), batch_size)
+        ]
         transform = self.pipeline.transform
-        rows = self.rows[positions]
-        images = self.images
-        dataset = ImageDataset(images.source, transform, images.product_row[rows], images.image_number[rows])
-        if epoch is not None and not isinstance(transform, EvalTransform):
-            dataset = _SeededImages(dataset, positions, self.pipeline.seed, epoch)
-        chunks = [list(range(s, min(s + batch_size, len(positions)))) for s in range(0, len(positions), batch_size)]
-        workers = self.pipeline.workers
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=chunks,
-            num_workers=workers,
-            collate_fn=dataset.collate,
-            pin_memory=device.type == "cuda",
-            worker_init_fn=_WorkerSeed(self.pipeline.seed, int(positions[0]) if len(positions) else 0),
-            prefetch_factor=4 if workers else None,
-            # Its own generator: making an iterator would otherwise draw from torch's global one, and a run
-            # resumed mid-epoch (which makes one more) would then augment and drop out differently.
-            generator=torch.Generator().manual_seed(self.pipeline.seed),
-        )
-        target = torch.from_numpy(self.target[positions])
+        target = torch.from_numpy(self.target)
         for images, good, _bad in loader:
             x = images.to(device, non_blocking=True)
             if isinstance(transform, EvalTransform):
@@ -182,21 +167,65 @@ class ImageSplit:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, target[torch.from_numpy(good)].to(device, non_blocking=True)
 
+    def _loader(self, device: torch.device) -> tuple[torch.utils.data.DataLoader, _Plan]:
+        """The split's DataLoader (made on first use; workers kept between epochs) and the plan it reads."""
+        assert self.pipeline is not None
+        cached = getattr(self, "_cached", None)
+        if cached is not None and cached[0] == device.type:
+            return cached[1], cached[2]
+        images, workers = self.images, self.pipeline.workers
+        rows = self.rows
+        base = ImageDataset(images.source, self.pipeline.transform, images.product_row[rows], images.image_number[rows])
+        plan = _Plan()
+        loader = torch.utils.data.DataLoader(
+            _SeededImages(base, self.pipeline.seed),
+            batch_sampler=plan,
+            num_workers=workers,
+            collate_fn=base.collate,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=_WorkerSeed(self.pipeline.seed),
+            prefetch_factor=4 if workers else None,
+            persistent_workers=workers > 0,
+            # Its own generator: making an iterator would otherwise draw from torch's global one, and a run
+            # resumed mid-epoch (which makes one more) would then drop out differently.
+            generator=torch.Generator().manual_seed(self.pipeline.seed),
+        )
+        self._cached = (device.type, loader, plan)
+        return loader, plan
+
+
+class _Plan:
+    """The batches of the epoch under way, as ``(row, epoch)`` items: the DataLoader's batch sampler,
+    refilled before each pass (it is read in the main process, so the workers can stay)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int | None]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int | None]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
 
 class _SeededImages(torch.utils.data.Dataset):
-    """An :class:`ImageDataset` whose item ``i`` is augmented with torch's, Python's and numpy's generators
-    seeded by ``(seed, epoch, key[i])``, torch's and Python's left as they were."""
+    """An :class:`ImageDataset` whose item ``(i, epoch)`` is image ``i``, augmented (when ``epoch`` is not None)
+    with torch's, Python's and numpy's generators seeded by ``(seed, epoch, i)``, torch's and Python's left
+    as they were."""
 
-    def __init__(self, dataset: ImageDataset, keys: np.ndarray, seed: int, epoch: int) -> None:
-        self.dataset, self.keys, self.seed, self.epoch = dataset, np.asarray(keys), seed, epoch
+    def __init__(self, dataset: ImageDataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
+    def __getitem__(self, item: tuple[int, int | None]) -> tuple[torch.Tensor | None, int]:
         import random
 
-        s = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(self.keys[i])) % 2**63
+        i, epoch = item
+        if epoch is None:
+            return self.dataset[i]
+        s = ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
         state = random.getstate()
         # RandAugment picks its operations with numpy's global generator: seeded too, not restored (saving
         # and restoring it costs ~0.2 ms an image; nothing else in a training process draws from it
@@ -210,10 +239,6 @@ class _SeededImages(torch.utils.data.Dataset):
         finally:
             random.setstate(state)
 
-    @property
-    def collate(self) -> Callable[..., Any]:
-        return self.dataset.collate
-
 
 def _normalize_on(transform: EvalTransform, x: torch.Tensor) -> torch.Tensor:
     from hierclass.data.datasets import normalisation
@@ -224,16 +249,14 @@ def _normalize_on(transform: EvalTransform, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _WorkerSeed:
-    """Seeds each DataLoader worker from the run's seed and where the epoch's order starts, so the
-    augmentations of a run repeat (Python's and numpy's generators too: some transforms use them)."""
+    """Seeds each DataLoader worker's generators from the run's seed (each image then seeds its own)."""
 
     seed: int
-    salt: int
 
     def __call__(self, worker: int) -> None:
         import random
 
-        s = (self.seed * 1_000_003 + self.salt * 7919 + worker) % 2**31
+        s = (self.seed * 1_000_003 + worker) % 2**31
         torch.manual_seed(s)
         random.seed(s)
         np.random.seed(s)
