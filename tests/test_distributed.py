@@ -127,3 +127,35 @@ def test_heads_on_stored_features_train_the_same_under_torchrun(tmp_path: Path) 
     for name in a:
         assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), (name, (a[name] - b[name]).abs().max())
     assert _holdout_loss(tmp_path / "two" / "experts") == pytest.approx(_holdout_loss(tmp_path / "one"), rel=1e-4)
+
+
+def test_extraction_under_torchrun_writes_one_shard_per_process(tmp_path: Path) -> None:
+    """Each process extracts its own shard; merging them gives the one-process store, byte for byte."""
+    from hierclass.data.synthetic import make_synthetic_catalogue
+    from hierclass.features import extract_features
+    from hierclass.featurestore import FeatureStore
+
+    cat = make_synthetic_catalogue(tmp_path / "cat", n_train=24, n_val=4)
+    common = ["--taxonomy", str(cat.taxonomy), "--backbone", "test_efficientnet", "--pretrained", "none"]
+    common += ["--image-size", "32", "--batch-size", "8", "--engine", "torch", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = tmp_path / "feats"
+    done = subprocess.run(
+        [*launcher, "-m", "hierclass", "extract-features", "--data", str(cat.train), "--out", str(out), *common],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = sorted(out.glob("shard-*-of-2"))
+    assert [p.name for p in shards] == ["shard-0-of-2", "shard-1-of-2"]
+    from hierclass.features import merge_features
+
+    merged = merge_features(shards, tmp_path / "merged")
+    torch.set_num_threads(1)
+    whole = extract_features(
+        cat.train, Taxonomy.from_csv(cat.taxonomy), "test_efficientnet", "none", tmp_path / "whole",
+        engine="torch", image_size=32, batch_size=8, progress=False, device="cpu",
+    )  # fmt: skip
+    assert np.asarray(merged.features()).tobytes() == np.asarray(whole.features()).tobytes()
+    assert np.array_equal(merged.product_id, whole.product_id)
+    assert FeatureStore.open(tmp_path / "merged").meta["complete"]
