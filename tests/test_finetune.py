@@ -78,6 +78,14 @@ def test_a_tiny_cnn_overfits_a_few_images_and_evaluation_reads_the_run(catalogue
     from hierclass.report import check_store
 
     check_store(store, {"flat": clf}, tmp_path / "run")  # the run's features meta matches a fresh extraction
+    # The user's path: evaluate --data extracts with the run's backbone (ONNX export of the fine-tuned weights).
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["evaluate", "--run", str(tmp_path / "run"), "--data", str(catalogue.train),
+                                 "--out", str(out), "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["flat"]["n_images"] == len(truth)
+    assert report["flat"]["leaf_top1"] == pytest.approx((pred == truth).mean(), abs=0.03)  # ONNX as torch
     # --pretrained RUN/flat (the folder) loads the same fine-tuned backbone, e.g. as the experts' trunk.
     by_folder = create_backbone(BACKBONE, str(head_dir)).state_dict()
     for name, value in _backbone_of(head_dir).items():
