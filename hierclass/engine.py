@@ -714,7 +714,8 @@ def _resume_key(task: Task, fit: Data, config: TrainConfig, dist: Dist | None = 
     the number of processes."""
     import hashlib
 
-    ignored = ("progress", "eval_batch_size", "workers", "checkpoint_every")
+    # device: under torchrun each rank runs on cuda:LOCAL_RANK, and every rank must accept rank 0's state
+    ignored = ("progress", "eval_batch_size", "workers", "checkpoint_every", "device")
     digest = hashlib.sha256()
     settings = {k: v for k, v in config.to_dict().items() if k not in ignored}
     world = (dist or Dist()).world

@@ -159,3 +159,52 @@ def test_extraction_under_torchrun_writes_one_shard_per_process(tmp_path: Path) 
     assert np.asarray(merged.features()).tobytes() == np.asarray(whole.features()).tobytes()
     assert np.array_equal(merged.product_id, whole.product_id)
     assert FeatureStore.open(tmp_path / "merged").meta["complete"]
+
+
+def test_torchrun_killed_mid_epoch_resumes_on_every_rank(tmp_path: Path) -> None:
+    """kill -9 of the whole torchrun job once rank 0 saved a mid-epoch state, then the same command: every rank
+    resumes from rank 0's state and the job ends as one process with batch 2B does."""
+    import contextlib
+    import signal
+    import time
+
+    from hierclass.data.synthetic import make_synthetic_catalogue
+    from hierclass.engine import RESUME_FILE
+
+    cat = make_synthetic_catalogue(tmp_path / "cat", n_train=40, n_val=4)
+    tax = Taxonomy.from_csv(cat.taxonomy)
+    images = ImageRows.open(cat.train, tax)
+    holdout = _even_holdout(images)
+    per_rank = 4
+    options = {**COMMON, "epochs": 3, "patience": 0, "holdout": holdout, "checkpoint_every": 3}
+    torch.set_num_threads(1)
+    train_head("flat", images, None, tax, TrainConfig(**options, batch_size=2 * per_rank), tmp_path / "one")
+
+    args = ["--train", str(cat.train), "--taxonomy", str(cat.taxonomy), "--run-dir", str(tmp_path / "two")]
+    args += ["--backbone", "test_efficientnet", "--pretrained", "none", "--image-size", "32", "--epochs", "3"]
+    args += ["--lr", "3e-3", "--no-augment", "--bn", "frozen", "--workers", "0", "--top-lr-ratio", "1"]
+    args += ["--holdout", str(holdout), "--patience", "0", "--checkpoint-every", "3", "--batch-size", str(per_rank)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "hierclass", "train-flat", *args]
+    state = tmp_path / "two" / "flat" / RESUME_FILE
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 200
+    while not state.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # The ranks first (torchrun starts them in sessions of their own), then the launcher.
+    ranks = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+    for pid in [*map(int, ranks), job.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    job.communicate()
+    assert len(ranks) == 2
+    assert job.returncode == -signal.SIGKILL, "the job ended before its first checkpoint could be killed"
+    assert not (tmp_path / "two" / "flat" / "meta.json").exists()
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from epoch" in again.stderr
+    for part in ("backbone.safetensors", "model.safetensors"):
+        a, b = load_file(str(tmp_path / "one" / part)), load_file(str(tmp_path / "two" / "flat" / part))
+        for name in a:
+            assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), (part, name, (a[name] - b[name]).abs().max())
