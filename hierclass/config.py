@@ -18,6 +18,7 @@ SOLVERS = ("auto", "lbfgs", "adamw")
 CLASS_BALANCE = ("none", "loss", "sampler")
 BN_MODES = ("train", "frozen")
 INIT_FROM = ("pretrained", "flat")
+AMP_MODES = ("off", "bf16", "fp16")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -77,10 +78,31 @@ class TrainConfig:
     # mistakes can be recovered at inference; costs about a flat head per step.
     expert_other: bool = _opt(False, "Every expert also learns an 'other' class from the other branches' images.")
     # CNN tops (features extracted with --top-stages N): the models own the backbone's last N stages.
-    top_lr_ratio: float = _opt(0.1, "CNN tops: learning rate of the pretrained stages, as a fraction of --lr.")
-    bn: str = _opt("train", "CNN tops: batch norm statistics train, or stay frozen at the backbone's.")
+    top_lr_ratio: float = _opt(
+        0.1, "CNN tops and fine-tuning: learning rate of the pretrained layers, as a fraction of --lr."
+    )
+    bn: str = _opt("train", "CNN tops and fine-tuning: batch norm statistics train, or stay frozen at the backbone's.")
     flip: bool = _opt(True, "CNN tops: train on the stored flipped view of half the images (stores made with --hflip).")
     init_from: str = _opt("pretrained", "CNN expert tops start from the pretrained stages, or from the run's flat top.")
+    # Any AdamW training (pooled features, trunk maps or images).
+    grad_clip: float | None = _opt(None, "Clip the gradients' global L2 norm to this; default: no clipping.")
+    checkpoint_every: int = _opt(0, "Also save the resume state every this many steps (0: after each epoch only).")
+    # Fine-tuning from images (--train names a dump, CSV catalogue or folder instead of a feature folder).
+    backbone: str | None = _opt(None, "Images: the timm model to fine-tune; default: extract-features' default.")
+    pretrained: str | None = _opt(
+        None, "Images: its weights (hub, none, efficientnet-lite0, a checkpoint file or a run's RUN/flat folder)."
+    )
+    image_size: int | None = _opt(None, "Images: square input size instead of the model's (e.g. 180).")
+    top_stages: int | None = _opt(None, "Images: train its last N stages only, the rest frozen; default: all.")
+    warmup_frozen_epochs: int = _opt(0, "Images: first epochs train the new classifier alone, backbone frozen.")
+    augment: bool = _opt(True, "Images: timm's random resized crop (and flip); off: the evaluation preprocessing.")
+    rand_augment: str | None = _opt(None, "Images: a timm RandAugment policy, e.g. rand-m9-mstd0.5; default: none.")
+    mixup: float = _opt(0.0, "Images: mixup alpha (0: off; router and flat only).")
+    cutmix: float = _opt(0.0, "Images: cutmix alpha (0: off; router and flat only).")
+    ema_decay: float | None = _opt(None, "Images: keep an EMA of the weights with this decay (e.g. 0.999) and save it.")
+    amp: str = _opt("off", "Images on CUDA: mixed precision off, bf16, or fp16 (with a gradient scaler).")
+    channels_last: bool | None = _opt(None, "Images: channels-last memory format; default: on CUDA only.")
+    workers: int = _opt(2, "Images: DataLoader processes decoding and augmenting images.")
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field, its value and what was expected."""
@@ -107,6 +129,16 @@ class TrainConfig:
             ("top_lr_ratio", 0 <= self.top_lr_ratio <= 1, "in [0, 1]"),
             ("bn", self.bn in BN_MODES, f"one of {BN_MODES}"),
             ("init_from", self.init_from in INIT_FROM, f"one of {INIT_FROM}"),
+            ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "None or > 0"),
+            ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
+            ("image_size", self.image_size is None or self.image_size >= 16, "None or >= 16"),
+            ("top_stages", self.top_stages is None or self.top_stages >= 1, "None or >= 1"),
+            ("warmup_frozen_epochs", self.warmup_frozen_epochs >= 0, ">= 0"),
+            ("mixup", self.mixup >= 0, ">= 0"),
+            ("cutmix", self.cutmix >= 0, ">= 0"),
+            ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "None or in (0, 1)"),
+            ("amp", self.amp in AMP_MODES, f"one of {AMP_MODES}"),
+            ("workers", self.workers >= 0, ">= 0"),
         ]
         for name, ok, expected in checks:
             if not ok:

@@ -2,9 +2,13 @@
 
 The three heads differ only by their :class:`Task`: which samples they learn from, their
 targets and how the model's output becomes log-probabilities over the admissible classes.
-Everything else (minibatches streamed from the float16 feature memmap, AdamW with warm-up
-and cosine decay, label smoothing, class balancing, validation, early stopping, logging,
-checkpointing) is shared in :func:`train_head`.
+Everything else (minibatches, AdamW with warm-up and cosine decay, label smoothing, class
+balancing, validation, early stopping, logging, checkpointing and resuming) is shared in
+:func:`train_head`, and one loop (:func:`train_one_epoch`) serves the three kinds of input:
+pooled vectors and trunk maps streamed from a float16 feature store (:class:`Split`), and
+images decoded and augmented as they go (:class:`~hierclass.data.training.ImageSplit`), where
+the model is a whole CNN (:class:`~hierclass.models.finetune.ImageClassifier`). Under torchrun
+the same loop runs in every process, through DistributedDataParallel (:mod:`hierclass.distributed`).
 
 * router: every labelled image, target = its level-1 branch.
 * flat: every labelled image, target = its leaf.
@@ -27,6 +31,7 @@ checkpointing) is shared in :func:`train_head`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -34,7 +39,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -48,6 +53,8 @@ from tqdm.auto import tqdm
 from hierclass.checkpoint import backbone_config, class_order, feature_config, load_model, read_meta, save_model
 from hierclass.config import TrainConfig
 from hierclass.data.splits import holdout_mask
+from hierclass.data.training import ImageRows, ImageSplit, shard
+from hierclass.distributed import Dist
 from hierclass.errors import CheckpointError, ConfigError, HierclassError
 from hierclass.featurestore import FeatureStore, FeatureStoreError
 from hierclass.models.heads import ExpertHeads, FlatHead, RouterHead
@@ -154,6 +161,12 @@ class Task:
             nll = (1 - smoothing) * nll + smoothing * spread
         return nll.mean() if weight is None else (nll * weight).sum() / weight.sum()
 
+    def soft_loss(self, model: nn.Module, x: Tensor, soft: Tensor) -> Tensor:
+        """Cross-entropy against soft targets ``[N, n_classes]`` (mixup / cutmix; router and flat only)."""
+        if self.kind == "experts":
+            raise HierclassError("mixup and cutmix mix images of different branches; experts cannot learn from them")
+        return -(soft * F.log_softmax(model(x).float(), dim=1)).sum(1).mean()
+
     @torch.no_grad()
     def correct(self, model: nn.Module, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per sample: whether the head is right, whether the sample is scored, and its group.
@@ -233,6 +246,29 @@ class Split:
                 feats[flipped] = self.store.features("hflip")[rows[flipped]]
         return feats, self.target[positions]
 
+    def positions(
+        self, epoch: int, rng: np.random.Generator, sample_p: np.ndarray | None, dist: Dist, seed: int
+    ) -> np.ndarray:
+        """This rank's positions for an epoch, in training order: a permutation drawn from ``rng`` (or a
+        class-weighted draw with ``sample_p``), every ``world``-th entry of it under torchrun."""
+        n = len(self)
+        order = rng.choice(n, size=n, p=sample_p) if sample_p is not None else rng.permutation(n)
+        return shard(order, dist)
+
+    def batches(
+        self,
+        positions: np.ndarray,
+        batch_size: int,
+        device: torch.device,
+        channels_last: bool = False,
+        epoch: int | None = None,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(features, targets)`` on ``device`` for consecutive ``batch_size`` slices of ``positions``
+        (``channels_last`` and ``epoch`` concern images; stored features ignore them)."""
+        for start in range(0, len(positions), batch_size):
+            feats, target = self.batch(positions[start : start + batch_size])
+            yield torch.from_numpy(feats).to(device), torch.from_numpy(target).to(device)
+
     def all(self, device: str) -> tuple[Tensor, Tensor]:
         """Every row's features (float32) and targets as tensors on ``device`` (the full-batch solver)."""
         feats = np.empty((len(self), self.store.dim), dtype=np.float32)
@@ -242,13 +278,17 @@ class Split:
         return torch.from_numpy(feats).to(device), torch.from_numpy(self.target).to(device)
 
 
-def _split(store: FeatureStore, task: Task, rows_mask: np.ndarray | None = None) -> Split:
+Data = Split | ImageSplit  # what the loop trains on: stored feature rows, or images decoded as it goes
+
+
+def _split(store: FeatureStore | ImageRows, task: Task, rows_mask: np.ndarray | None = None) -> Data:
     leaf = np.asarray(store.leaf)
     keep = store.valid & task.sample_mask(leaf)
     if rows_mask is not None:
         keep &= rows_mask
     rows = np.flatnonzero(keep)
-    return Split(store, rows, task.targets(leaf[rows]).astype(np.int64))
+    target = task.targets(leaf[rows]).astype(np.int64)
+    return ImageSplit(store, rows, target) if isinstance(store, ImageRows) else Split(store, rows, target)
 
 
 def feature_stats(data: Split, max_rows: int = 100_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -312,24 +352,35 @@ class Scores:
 
 
 @torch.no_grad()
-def score(model: nn.Module, task: Task, data: Split, config: TrainConfig) -> Scores:
+def score(model: nn.Module, task: Task, data: Data, config: TrainConfig, dist: Dist | None = None) -> Scores:
     """The loss (plain cross-entropy over admissible classes) and accuracy of ``model`` on ``data``.
 
     For experts, accuracy is within the true branch: how often the right expert picks the right leaf.
+    Under torchrun each rank scores every ``world``-th sample and the sums are added up across ranks.
     """
+    dist = dist or Dist()
     model.eval()
     device = torch.device(config.device)
-    loss_sum = 0.0
+    loss_sum, seen = 0.0, 0
     correct = np.zeros(task.n_groups, dtype=np.int64)
     scored = np.zeros(task.n_groups, dtype=np.int64)
-    for start in range(0, len(data), config.eval_batch_size):
-        feats, target = data.batch(np.arange(start, min(start + config.eval_batch_size, len(data))))
-        x, t = torch.from_numpy(feats).to(device), torch.from_numpy(target).to(device)
-        loss_sum += float(task.loss(model, x, t)) * len(t)
-        right, counted, group = task.correct(model, x, t)
-        correct += np.bincount(group[right & counted].cpu().numpy(), minlength=task.n_groups)
-        scored += np.bincount(group[counted].cpu().numpy(), minlength=task.n_groups)
-    return Scores(loss_sum / max(1, len(data)), correct, scored)
+    positions = np.arange(len(data))[dist.rank :: dist.world]
+    batch_size = config.eval_batch_size if isinstance(data, Split) else config.batch_size or 128
+    with _autocast(config):
+        for x, t in data.batches(positions, batch_size, device, _channels_last(config)):
+            if len(t) == 0:
+                continue
+            loss_sum += float(task.loss(model, x, t)) * len(t)
+            seen += len(t)
+            right, counted, group = task.correct(model, x, t)
+            correct += np.bincount(group[right & counted].cpu().numpy(), minlength=task.n_groups)
+            scored += np.bincount(group[counted].cpu().numpy(), minlength=task.n_groups)
+    if dist.active:
+        total = dist.all_sum([loss_sum, seen, *correct.tolist(), *scored.tolist()])
+        loss_sum, seen = float(total[0]), int(total[1])
+        correct = total[2 : 2 + task.n_groups].numpy().astype(np.int64)
+        scored = total[2 + task.n_groups :].numpy().astype(np.int64)
+    return Scores(loss_sum / max(1, seen), correct, scored)
 
 
 def _better(a: Scores, b: Scores | None) -> bool:
@@ -541,10 +592,45 @@ def _adamw(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
+@dataclass
+class Loop:
+    """What one training step needs beyond the model, the data and the optimiser.
+
+    Attributes:
+        dist: this process's place in a torchrun job (one process by default).
+        ddp: the DistributedDataParallel wrapper the forward pass goes through (None: the model itself).
+        scaler: fp16's gradient scaler (None: bf16 or float32 need none).
+        ema: an exponential moving average of the weights, updated after each step (timm's ``ModelEmaV3``).
+        mixup: timm's ``Mixup`` (router and flat from images): mixed images, soft targets.
+        checkpoint: called with ``(epoch, batches done, step, epoch's generator state, (loss sum, samples))``
+            every ``config.checkpoint_every`` steps, to save the state mid-epoch.
+        partial: ``(loss sum, samples)`` of the batches done before a mid-epoch resume.
+    """
+
+    dist: Dist = field(default_factory=Dist)
+    ddp: nn.Module | None = None
+    scaler: Any = None
+    ema: Any = None
+    mixup: Any = None
+    checkpoint: Callable[..., None] | None = None
+    partial: tuple[float, int] = (0.0, 0)
+
+
+def _autocast(config: TrainConfig) -> Any:
+    """Mixed precision for the block when asked (CUDA only; the config is checked before training)."""
+    if config.amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if config.amp == "bf16" else torch.float16)
+
+
+def _channels_last(config: TrainConfig) -> bool:
+    return config.channels_last if config.channels_last is not None else config.device.startswith("cuda")
+
+
 def train_one_epoch(
     model: nn.Module,
     task: Task,
-    data: Split,
+    data: Data,
     optimizer: torch.optim.Optimizer,
     config: TrainConfig,
     rng: np.random.Generator,
@@ -553,45 +639,94 @@ def train_one_epoch(
     weights: Tensor | None,
     sample_p: np.ndarray | None,
     desc: str = "train",
+    *,
+    epoch: int = 1,
+    skip: int = 0,
+    loop: Loop | None = None,
 ) -> tuple[float, int]:
-    """One pass of minibatches in a fresh random order; returns (mean loss, next step)."""
+    """One pass of minibatches in a fresh random order; returns (mean loss over every rank, next step).
+
+    The same loop trains heads on pooled features, CNN tops on trunk maps and whole CNNs on images:
+    ``data`` gives this rank's order and its batches, the model is called through ``task``.
+
+    Args:
+        skip: batches of this epoch already done (a resume from a mid-epoch checkpoint): the epoch's order
+            is drawn again and its first ``skip`` batches are not read.
+        loop: distribution, mixed precision, EMA, mixup and mid-epoch checkpoints (default: none of them).
+    """
+    loop = loop or Loop()
     model.train()
     device = torch.device(config.device)
-    n = len(data)
-    order = rng.choice(n, size=n, p=sample_p) if sample_p is not None else rng.permutation(n)
-    total, seen = 0.0, 0
-    bar = tqdm(range(0, n, config.batch_size), desc=desc, unit="batch", leave=False, disable=_no_bar(config))
-    for start in bar:
-        feats, target = data.batch(order[start : start + config.batch_size])
-        x = torch.from_numpy(feats).to(device)
-        t = torch.from_numpy(target).to(device)
+    epoch_rng = copy.deepcopy(rng.bit_generator.state)
+    positions = data.positions(epoch, rng, sample_p, loop.dist, config.seed)
+    forward = loop.ddp if loop.ddp is not None else model
+    bs = config.batch_size
+    n_batches = math.ceil(len(positions) / bs)
+    total, seen = loop.partial if skip else (0.0, 0)
+    bar = tqdm(total=n_batches, initial=skip, desc=desc, unit="batch", leave=False, disable=_no_bar(config))
+    batches = data.batches(positions[skip * bs :], bs, device, _channels_last(config), epoch=epoch)
+    for i, (x, t) in enumerate(batches, start=skip):
+        if len(t) == 0 and not loop.dist.active:  # every image of the batch failed to decode
+            continue
         lr = lr_at(step, total_steps, config)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        loss = task.loss(model, x, t, config.smoothing, weights[t] if weights is not None else None)
+        with _autocast(config):
+            if loop.mixup is not None and len(t) % 2 == 0:
+                x, soft = loop.mixup(x, t)
+                loss = task.soft_loss(forward, x, soft)
+            else:
+                loss = task.loss(forward, x, t, config.smoothing, weights[t] if weights is not None else None)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if loop.scaler is not None:
+            loop.scaler.scale(loss).backward()
+            if config.grad_clip:
+                loop.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            loop.scaler.step(optimizer)
+            loop.scaler.update()
+        else:
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+        if loop.ema is not None:
+            loop.ema.update(model)
         step += 1
         total += loss.item() * len(t)
         seen += len(t)
+        bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", refresh=False)
+        every = config.checkpoint_every
+        if loop.checkpoint is not None and every and step % every == 0 and i + 1 < n_batches:
+            loop.checkpoint(epoch, i + 1, step, epoch_rng, (total, seen))
+    bar.close()
+    if loop.dist.active:
+        total, seen = (float(v) for v in loop.dist.all_sum([total, seen]))
     return total / max(1, seen), step
 
 
-RESUME_FILE = "resume.pt"  # the AdamW state after the last finished epoch, removed when training ends
+RESUME_FILE = "resume.pt"  # the AdamW state at the last checkpoint, removed when training ends
 
 
-def _resume_key(task: Task, fit: Split, config: TrainConfig) -> str:
-    """What a saved training state must match to be continued: the task, the training rows and the config."""
+def _resume_key(task: Task, fit: Data, config: TrainConfig, dist: Dist | None = None) -> str:
+    """What a saved training state must match to be continued: the task, the training rows, the config and
+    the number of processes."""
     import hashlib
 
+    # device: under torchrun each rank runs on cuda:LOCAL_RANK, and every rank must accept rank 0's state
+    ignored = ("progress", "eval_batch_size", "workers", "checkpoint_every", "device")
     digest = hashlib.sha256()
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("progress", "eval_batch_size")}
-    digest.update(json.dumps([task.kind, task.branch, task.other, settings], sort_keys=True).encode())
+    settings = {k: v for k, v in config.to_dict().items() if k not in ignored}
+    world = (dist or Dist()).world
+    digest.update(json.dumps([task.kind, task.branch, task.other, settings, world], sort_keys=True).encode())
     digest.update(np.ascontiguousarray(fit.rows).tobytes())
-    digest.update(str(fit.store.root.resolve()).encode())
+    digest.update(str(_data_root(fit).resolve()).encode())
     return digest.hexdigest()[:16]
+
+
+def _data_root(data: Data) -> Path:
+    return data.store.root if isinstance(data, Split) else data.images.root
 
 
 def _save_resume(path: Path, state: dict[str, Any]) -> None:
@@ -612,89 +747,201 @@ def _load_resume(path: Path | None, key: str) -> dict[str, Any] | None:
     return state if isinstance(state, dict) and state.get("key") == key else None
 
 
+def _python_rng_states() -> dict[str, Any]:
+    """Python's and numpy's global generators (RandAugment and mixup draw from them), as plain values."""
+    import random
+
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = np_state["state"]["key"].tolist()
+    return {"random": random.getstate(), "numpy": np_state}
+
+
+def _set_python_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    version, internal, gauss = states["random"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = dict(states["numpy"])
+    np_state["state"] = {**np_state["state"], "key": np.asarray(np_state["state"]["key"], dtype=np.uint32)}
+    np.random.set_state(np_state)
+
+
+def _ddp(model: nn.Module, task: Task, dist: Dist, device: torch.device) -> nn.Module | None:
+    """The model wrapped in DistributedDataParallel under torchrun (None in one process). Built again when
+    the trainable parameters change (the frozen warm-up ends): DDP fixes them when it is built."""
+    if not dist.active:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=task.kind == "experts",  # a batch only runs the experts of its samples' branches
+    )
+
+
+def _set_phase(model: nn.Module, epoch: int, config: TrainConfig) -> bool:
+    """Freeze the backbone during the first ``warmup_frozen_epochs`` epochs; whether the phase changed."""
+    if not hasattr(model, "freeze_backbone"):
+        return False
+    frozen = epoch <= config.warmup_frozen_epochs
+    if model.backbone_frozen == frozen:
+        return False
+    model.freeze_backbone(frozen)
+    return True
+
+
 def fit_adamw(
     model: nn.Module,
     task: Task,
-    fit: Split,
-    hold: Split | None,
+    fit: Data,
+    hold: Data | None,
     config: TrainConfig,
     weights: Tensor | None,
     sample_p: np.ndarray | None,
     log: _Log,
     resume: Path | None = None,
+    dist: Dist | None = None,
 ) -> dict[str, Any]:
     """Minibatch AdamW with warm-up and cosine decay; keeps the epoch with the best holdout accuracy.
 
-    With ``resume`` (a file path), the whole training state (model, best model, optimizer, step, epoch,
-    random generators) is saved there after every epoch; a training killed midway and started again with
-    the same task, data and config continues from its last finished epoch and ends with the same weights
-    as one that was never interrupted. The file is removed when training ends.
+    With ``resume`` (a file path), the whole training state (model, best model, optimizer, gradient
+    scaler, EMA, step, epoch and batch within it, random generators) is saved there after every epoch
+    and every ``config.checkpoint_every`` steps, atomically and by rank 0 only; a training killed
+    midway and started again with the same task, data and config continues from its last checkpoint
+    and ends with the same weights as one that was never interrupted (each image's augmentation is
+    seeded by the epoch and its place in it: :class:`~hierclass.data.training.ImageSplit`). The file is
+    removed when training ends.
+
+    A model with a backbone to freeze (:class:`~hierclass.models.finetune.ImageClassifier`) trains its
+    head alone for ``config.warmup_frozen_epochs`` epochs, then its backbone too, at ``top_lr_ratio``
+    of the learning rate (its parameter group). With ``config.ema_decay`` the average weights are the
+    ones scored and kept.
     """
+    dist = dist or Dist()
+    device = torch.device(config.device)
     epochs, patience = auto_epochs(config, len(fit), tops=hasattr(model, "pretrained_parameters"))
     optimizer = _adamw(model, config)
     rng = np.random.default_rng(config.seed)
-    total_steps = math.ceil(len(fit) / config.batch_size) * epochs
-    step, since_best, epochs_run, first = 0, 0, 0, 1
+    per_rank = math.ceil(len(fit) / dist.world)
+    total_steps = math.ceil(per_rank / config.batch_size) * epochs
+    loop = Loop(dist=dist, scaler=torch.amp.GradScaler("cuda") if config.amp == "fp16" else None)
+    if config.ema_decay is not None:
+        from timm.utils import ModelEmaV3
+
+        loop.ema = ModelEmaV3(model, decay=config.ema_decay)
+    if config.mixup > 0 or config.cutmix > 0:
+        from timm.data import Mixup
+
+        loop.mixup = Mixup(
+            mixup_alpha=config.mixup,
+            cutmix_alpha=config.cutmix,
+            label_smoothing=config.smoothing,
+            num_classes=task.n_classes,
+        )
+    step, since_best, epochs_run, first, skip = 0, 0, 0, 1, 0
     best: Scores | None = None
     best_epoch, best_state, best_loss = 0, None, float("nan")
-    key = _resume_key(task, fit, config)
+    key = _resume_key(task, fit, config, dist)
+
+    def snapshot(
+        done: int, batch: int, at_step: int, epoch_rng: dict[str, Any] | None, partial: tuple[float, int]
+    ) -> None:
+        """Save the state after ``batch`` batches of epoch ``done + 1`` (0: at the end of epoch ``done``)."""
+        if resume is None or not dist.main:
+            return
+        _save_resume(
+            resume,
+            {
+                "key": key,
+                "epoch": done,
+                "batch": batch,
+                "partial": list(partial),
+                "epoch_rng": epoch_rng,
+                "step": at_step,
+                "since_best": since_best,
+                "best_epoch": best_epoch,
+                "best_loss": best_loss,
+                "best_scores": None if best is None else (best.loss, best.correct.tolist(), best.scored.tolist()),
+                "model": model.state_dict(),
+                "best_state": best_state,
+                "optimizer": optimizer.state_dict(),
+                "scaler": loop.scaler.state_dict() if loop.scaler is not None else None,
+                "ema": loop.ema.module.state_dict() if loop.ema is not None else None,
+                "rng": rng.bit_generator.state,
+                "flip_rng": fit.flip.bit_generator.state if fit.flip is not None else None,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "python_rng": _python_rng_states(),
+            },
+        )
+
+    def mid_epoch(epoch: int, batch: int, at_step: int, epoch_rng: dict[str, Any], partial: tuple[float, int]) -> None:
+        snapshot(epoch - 1, batch, at_step, epoch_rng, partial)
+
+    loop.checkpoint = mid_epoch
     state = _load_resume(resume, key)
     if state is not None:
+        _set_phase(model, state["epoch"] + 1, config)  # the optimizer state holds the parameters that train
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        rng.bit_generator.state = state["rng"]
+        if loop.scaler is not None and state.get("scaler") is not None:
+            loop.scaler.load_state_dict(state["scaler"])
+        if loop.ema is not None and state.get("ema") is not None:
+            loop.ema.module.load_state_dict(state["ema"])
+        skip = int(state.get("batch", 0))
+        rng.bit_generator.state = state["epoch_rng"] if skip else state["rng"]
         if fit.flip is not None and state.get("flip_rng") is not None:
             fit.flip.bit_generator.state = state["flip_rng"]
         torch.set_rng_state(state["torch_rng"])
-        step, since_best, epochs_run, best_epoch = state["step"], state["since_best"], state["epoch"], state["best_epoch"]
-        best_state, best_loss, first = state["best_state"], state["best_loss"], state["epoch"] + 1
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if state.get("python_rng") is not None:
+            _set_python_rng_states(state["python_rng"])
+        loop.partial = tuple(state.get("partial") or (0.0, 0))  # type: ignore[assignment]
+        step, since_best, epochs_run = state["step"], state["since_best"], state["epoch"]
+        best_epoch, best_state, best_loss = state["best_epoch"], state["best_state"], state["best_loss"]
+        first = epochs_run + 1
         if state.get("best_scores") is not None:
             loss, correct, scored = state["best_scores"]
             best = Scores(loss, np.asarray(correct), np.asarray(scored))
-        log.say(f"resuming from epoch {state['epoch']}/{epochs} ({resume})")
+        within = f", batch {skip}" if skip else ""
+        log.say(f"resuming from epoch {state['epoch']}/{epochs}{within} ({resume})")
     for epoch in range(first, epochs + 1):
         if patience and since_best >= patience:
             break
+        if _set_phase(model, epoch, config) or (loop.ddp is None and dist.active):
+            loop.ddp = _ddp(model, task, dist, device)
         t0 = time.perf_counter()
         train_loss, step = train_one_epoch(
-            model, task, fit, optimizer, config, rng, step, total_steps, weights, sample_p, f"{log.what} {epoch}"
-        )
+            model, task, fit, optimizer, config, rng, step, total_steps, weights, sample_p, f"{log.what} {epoch}",
+            epoch=epoch, skip=skip, loop=loop,
+        )  # fmt: skip
+        skip = 0
         train_seconds = time.perf_counter() - t0
-        scores = score(model, task, hold, config) if hold is not None else None
+        kept = loop.ema.module if loop.ema is not None else model
+        scores = score(kept, task, hold, config, dist) if hold is not None else None
         epochs_run = epoch
         lr = lr_at(step - 1, total_steps, config)
         record = {"solver": "adamw", "epoch": epoch, "train_loss": train_loss, "lr": lr}
         line = f"epoch {epoch}/{epochs}  train loss {train_loss:.4f}"
+        if getattr(model, "backbone_frozen", False):
+            record["backbone_frozen"] = True
+            line += "  (backbone frozen)"
         if scores is not None:
             record |= {"holdout_acc": scores.acc, "holdout_loss": scores.loss}
             line += f"  holdout acc {scores.acc:.4f}"
         seconds = time.perf_counter() - t0
         record |= {"seconds": round(seconds, 3), "train_seconds": round(train_seconds, 3)}
-        log(record, f"{line}  lr {lr:.2e}  {seconds:.1f} s")
+        if dist.main:
+            log(record, f"{line}  lr {lr:.2e}  {seconds:.1f} s")
         if scores is None or _better(scores, best):
             best, best_epoch, since_best, best_loss = scores, epoch, 0, train_loss
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
         else:
             since_best += 1
-        if resume is not None and epoch < epochs:
-            _save_resume(
-                resume,
-                {
-                    "key": key,
-                    "epoch": epoch,
-                    "step": step,
-                    "since_best": since_best,
-                    "best_epoch": best_epoch,
-                    "best_loss": best_loss,
-                    "best_scores": None if best is None else (best.loss, best.correct.tolist(), best.scored.tolist()),
-                    "model": model.state_dict(),
-                    "best_state": best_state,
-                    "optimizer": optimizer.state_dict(),
-                    "rng": rng.bit_generator.state,
-                    "flip_rng": fit.flip.bit_generator.state if fit.flip is not None else None,
-                    "torch_rng": torch.get_rng_state(),
-                },
-            )
+        if epoch < epochs:
+            snapshot(epoch, 0, step, None, (0.0, 0))
     assert best_state is not None
     model.load_state_dict(best_state)
     warnings = []
@@ -727,8 +974,8 @@ def _device(name: str) -> str:
 # ---------------------------------------------------------------------------- train_head
 def train_head(
     kind: str,
-    train_store: FeatureStore,
-    val_store: FeatureStore | None,
+    train_store: FeatureStore | ImageRows,
+    val_store: FeatureStore | ImageRows | None,
     taxonomy: Taxonomy,
     config: TrainConfig,
     out_dir: str | Path,
@@ -743,10 +990,20 @@ def train_head(
     holdout of the training products (:func:`hierclass.data.splits.holdout_mask` with
     ``config.holdout`` and ``config.seed``); ``val_store`` is only scored, once, at the end.
 
+    Given images (:class:`~hierclass.data.training.ImageRows`) instead of features, the whole CNN is
+    fine-tuned (:class:`~hierclass.models.finetune.ImageClassifier`: ``config.backbone`` with its
+    ``config.pretrained`` weights, all of it or its last ``config.top_stages`` stages, then the head)
+    by the same loop, and saved as two halves: ``out_dir/backbone.safetensors`` and a head checkpoint
+    on the features of that backbone, so evaluation and prediction read it as any other run.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank runs this function: they join the process group,
+    train with DistributedDataParallel on their share of each epoch, and rank 0 alone writes.
+
     Args:
         kind: ``"router"``, ``"experts"`` or ``"flat"``.
-        train_store: the training features.
-        val_store: features to report the trained head's accuracy on (None: none).
+        train_store: the training features, or images.
+        val_store: features (or images, when training from images) to report the trained head's
+            accuracy on (None: none).
         taxonomy: the class indices; the features must be labelled with it.
         config: how to train.
         out_dir: the head's checkpoint directory, e.g. ``RUN_DIR/router``; ``log.jsonl`` there
@@ -765,7 +1022,8 @@ def train_head(
     Raises:
         FeatureStoreError: features of another taxonomy, or train/val from different backbones.
         CheckpointError: ``branch`` given but ``out_dir`` holds no compatible experts checkpoint.
-        HierclassError: ``out_dir`` already holds a head and ``overwrite`` is False.
+        HierclassError: ``out_dir`` already holds a head and ``overwrite`` is False; an option that does
+            not apply to this data.
         ValueError: a bad kind or config value.
     """
     if kind not in KINDS:
@@ -773,14 +1031,27 @@ def train_head(
     config.validate()
     if branch is not None and kind != "experts":
         raise ValueError(f"branch={branch!r} only applies to kind='experts', not {kind!r}")
-    device = _device(config.device)
+    images = isinstance(train_store, ImageRows)
+    config = _check_image_options(config, images, kind, branch)
+    _device(config.device)
+    from hierclass.distributed import from_env
+
+    dist, device = from_env(config.device)
+    config = dataclasses.replace(config, device=device)
+    if not dist.main:
+        echo = None
     out_dir = Path(out_dir)
-    _check_stores(train_store, val_store, taxonomy)
-    tops = top_spec(train_store.meta) is not None
+    if images:
+        _check_images(train_store, val_store)
+    else:
+        _check_stores(train_store, val_store, taxonomy)
+    tops = not images and top_spec(train_store.meta) is not None
     if config.batch_size is None:
-        config = dataclasses.replace(config, batch_size=128 if tops else 512)
+        config = dataclasses.replace(config, batch_size=64 if images else 128 if tops else 512)
     if tops and kind == "experts" and config.expert_other:
         raise HierclassError("--expert-other applies to heads on pooled features; CNN expert tops have no other class")
+    if dist.active and kind == "experts" and config.expert_other:
+        raise HierclassError("--expert-other does not train under torchrun; run it in one process")
     b = taxonomy.branch_index(branch) if branch is not None else None
     task = Task(kind, taxonomy, b, other=kind == "experts" and config.expert_other)
     if b is not None and taxonomy.branch_sizes[b] < 2 and not task.other:
@@ -801,8 +1072,17 @@ def train_head(
     report = _split(val_store, task) if val_store is not None else None
 
     torch.manual_seed(config.seed)
+    if images:  # timm's augmentations (and mixup) also draw from Python's and numpy's global generators
+        import random
+
+        random.seed(config.seed)
+        np.random.seed(config.seed)
     packed: nn.Module | None = None
-    if b is not None:
+    backbone_meta: dict[str, Any] | None = None
+    if images:
+        model, backbone_meta = _image_model(task, config)
+        _attach_pipelines(config, backbone_meta["data_config"], fit, hold, report)
+    elif b is not None:
         packed, base_meta = _existing_experts(out_dir, taxonomy, train_store, config)
         model = copy.deepcopy(packed)  # keeps the packed experts' feature statistics
         if tops:
@@ -822,7 +1102,11 @@ def train_head(
     if tops and config.flip and "hflip" in train_store.meta.get("views", []):
         fit.flip = np.random.default_rng(config.seed + 1)
     model.to(device)
-    solver = resolve_solver(config, len(fit), train_store.dim, tops)
+    if images and _channels_last(config):
+        model.to(memory_format=torch.channels_last)
+    solver = "adamw" if images else resolve_solver(config, len(fit), train_store.dim, tops)
+    if dist.active and solver == "lbfgs":
+        raise HierclassError("under torchrun heads train with AdamW; pass --solver adamw (L-BFGS runs in one process)")
 
     weights = sample_p = None
     if config.class_balance != "none":
@@ -836,7 +1120,7 @@ def train_head(
     started = time.perf_counter()
     run = datetime.now(timezone.utc).isoformat(timespec="seconds")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if b is None and overwrite:
+    if b is None and overwrite and dist.main:
         (out_dir / "log.jsonl").unlink(missing_ok=True)  # the log describes the head in the folder
     log = _Log(out_dir / "log.jsonl", what, echo, {"branch": branch, "run": run})
     n_hold = len(hold)
@@ -848,16 +1132,16 @@ def train_head(
         info = fit_lbfgs(model, task, fit, hold_or_none, config, weights, log)
     else:
         resume = out_dir / (RESUME_FILE if b is None else f"resume-{b}.pt")
-        info = fit_adamw(model, task, fit, hold_or_none, config, weights, sample_p, log, resume)
+        info = fit_adamw(model, task, fit, hold_or_none, config, weights, sample_p, log, resume, dist)
     for warning in info["warnings"]:
         log.say(f"warning: {warning}")
 
     final: dict[str, Any] = {"kind": kind, "branch": branch, **info}
     if hold_or_none is not None:
-        s = score(model, task, hold, config)
+        s = score(model, task, hold, config, dist)
         final |= {"holdout_acc": s.acc, "holdout_loss": s.loss}
     if report is not None and len(report):
-        s = score(model, task, report, config)
+        s = score(model, task, report, config, dist)
         final |= {"val_acc": s.acc, "val_loss": s.loss}
     if "train_loss" not in final:
         final["train_loss"] = score(model, task, fit, config).loss
@@ -870,14 +1154,32 @@ def train_head(
         "holdout_source": f"{config.holdout:g} of the products of {train_store.root} (seed {config.seed})",
         "val_source": str(val_store.root) if val_store is not None else None,
     }
+    if dist.active:
+        final["world_size"] = dist.world
     training = {
         **config.to_dict(),
         "solver_used": solver,
         "label_smoothing_used": config.smoothing,
-        "flip_used": fit.flip is not None,
+        "flip_used": fit.flip is not None or (images and config.augment and config.flip),
         "holdout": {"fraction": config.holdout, "seed": config.seed},
+        **({"from_images": str(train_store.root)} if images else {}),
     }
-    if packed is not None:
+    if not dist.main:
+        dist.barrier()  # rank 0 writes the checkpoint
+        return final
+    if images:
+        assert backbone_meta is not None
+        features = _save_backbone(out_dir, model, backbone_meta, train_store, taxonomy)
+        meta = {
+            "kind": kind,
+            "taxonomy": {"fingerprint": taxonomy.fingerprint, "source": taxonomy.source},
+            "class_order": class_order(kind, taxonomy),
+            "features": features,
+            "training": training,
+            "metrics": final,
+        }
+        save_model(out_dir, model.head, meta)
+    elif packed is not None:
         packed.copy_branch_(model, b)
         retrained = {**base_meta.get("branch_retrains", {}), branch: {"training": training, "metrics": final}}
         save_model(out_dir, packed, {**_strip_saved(base_meta), "branch_retrains": retrained})
@@ -893,7 +1195,120 @@ def train_head(
         save_model(out_dir, model, meta)
     if resume is not None:
         resume.unlink(missing_ok=True)  # the saved head is the result; nothing is left to resume
+    dist.barrier()
     return final
+
+
+# ---------------------------------------------------------------------------- fine-tuning from images
+IMAGE_ONLY = (
+    "backbone", "pretrained", "image_size", "top_stages", "warmup_frozen_epochs", "rand_augment", "mixup", "cutmix",
+    "ema_decay",
+)  # fmt: skip
+
+
+def _check_image_options(config: TrainConfig, images: bool, kind: str, branch: str | None) -> TrainConfig:
+    """Refuse options that do not apply to this data; fill the fine-tuning defaults."""
+    defaults = TrainConfig()
+    if not images:
+        given = [k for k in IMAGE_ONLY if getattr(config, k) != getattr(defaults, k)]
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise HierclassError(
+                f"{flags} apply to training from images; --train is a feature folder (its backbone is fixed "
+                "there): pass a dump or catalogue to --train, or drop them"
+            )
+        if config.amp != "off":
+            raise HierclassError("--amp applies to training from images; drop it for a feature folder")
+        return config
+    if config.solver == "lbfgs":
+        raise ConfigError("--solver lbfgs solves linear heads on features; from images the CNN trains with AdamW")
+    if branch is not None:
+        raise HierclassError("--branch retrains one expert on features; from images train all experts at once")
+    if kind == "experts" and config.expert_other:
+        raise HierclassError("--expert-other applies to heads on pooled features; drop it when training from images")
+    if kind == "experts" and (config.mixup or config.cutmix):
+        raise HierclassError("--mixup and --cutmix mix images of different branches; use them with router or flat")
+    if config.amp != "off" and not config.device.startswith("cuda"):
+        raise HierclassError(f"--amp {config.amp} needs a CUDA GPU; add --device cuda, or use --amp off on the CPU")
+    from hierclass.defaults import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
+
+    return dataclasses.replace(
+        config,
+        backbone=config.backbone or DEFAULT_BACKBONE,
+        pretrained=config.pretrained or DEFAULT_PRETRAINED,
+        label_smoothing=0.1 if config.label_smoothing is None else config.label_smoothing,
+    )
+
+
+def _check_images(train: ImageRows, val: Any) -> None:
+    if val is not None and not isinstance(val, ImageRows):
+        raise HierclassError(
+            f"{val.root}: --val is a feature folder but --train is images ({train.root}); "
+            "give --val as a dump or catalogue too"
+        )
+
+
+def _image_model(task: Task, config: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """A fresh :class:`ImageClassifier` for ``task`` and what its features are (backbone, weights, preprocessing)."""
+    from hierclass.data import PREPROCESS
+    from hierclass.features import _data_config
+    from hierclass.models.backbone import create_backbone, pooled_dim
+    from hierclass.models.finetune import ImageClassifier
+
+    assert config.backbone is not None and config.pretrained is not None
+    backbone = create_backbone(config.backbone, config.pretrained)
+    head = task.build_model(pooled_dim(backbone), dataclasses.replace(config, standardize=False))
+    model = ImageClassifier(backbone, head, config.top_stages, config.bn)
+    meta = {
+        "backbone": config.backbone,
+        "data_config": _data_config(backbone, config.image_size, None),
+        "preprocess": PREPROCESS,
+        "engine": "onnx",
+        "dim": pooled_dim(backbone),
+        "fine_tuned_from": str(config.pretrained),
+    }
+    return model, meta
+
+
+def _attach_pipelines(
+    config: TrainConfig, data_config: dict[str, Any], fit: Data, hold: Data, report: Data | None
+) -> None:
+    """Training images get timm's training transforms; the holdout and validation images the evaluation ones."""
+    from hierclass.data.datasets import resolve_transform
+    from hierclass.data.training import Pipeline, train_transform
+
+    fit.pipeline = Pipeline(
+        train_transform(data_config, augment=config.augment, flip=config.flip, rand_augment=config.rand_augment),
+        config.workers,
+        config.seed,
+    )
+    evaluation = Pipeline(resolve_transform(data_config), config.workers, config.seed)
+    for split in (hold, report):
+        if split is not None:
+            split.pipeline = evaluation
+
+
+def _save_backbone(
+    out_dir: Path, model: nn.Module, meta: dict[str, Any], images: ImageRows, taxonomy: Taxonomy
+) -> dict[str, Any]:
+    """Write the fine-tuned backbone (atomically) and return the features meta of a head on its output."""
+    from safetensors.torch import save_file
+
+    from hierclass.atomic import atomic_path
+    from hierclass.models.backbone import FINE_TUNED_FILE, source_fingerprint
+
+    path = (out_dir / FINE_TUNED_FILE).resolve()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.backbone.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "backbone": meta["backbone"]})
+    return {
+        **{k: v for k, v in meta.items() if k != "fine_tuned_from"},
+        "pretrained": str(path),
+        "pretrained_sha256": source_fingerprint(str(path)),
+        "fine_tuned_from": meta["fine_tuned_from"],
+        "taxonomy_fingerprint": taxonomy.fingerprint,
+        "image_source": str(images.root),
+    }
 
 
 def _fresh_tops(task: Task, store: FeatureStore, config: TrainConfig, out_dir: Path) -> nn.Module:

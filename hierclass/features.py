@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 import tempfile
 import time
@@ -26,7 +27,7 @@ from hierclass.data import PREPROCESS, EvalTransform, ImageDataset, image_rows, 
 from hierclass.defaults import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Engine
 from hierclass.errors import DumpError, TaxonomyError
 from hierclass.featurestore import BAD, OK, FeatureStore, FeatureStoreError
-from hierclass.models.backbone import create_backbone, data_config, source_fingerprint
+from hierclass.models.backbone import create_backbone, data_config, pooled_dim, source_fingerprint
 from hierclass.onnx_runtime import OnnxBackbone, export_onnx, stamp_of
 from hierclass.taxonomy import Taxonomy
 
@@ -45,7 +46,9 @@ SETTINGS = (  # what must be equal for a feature folder to be resumed (or reused
     "n_images",
     "taxonomy_fingerprint",
     "top_stages",  # absent for pooled features
+    "shard",  # absent for a whole store
 )
+SHARD_SETTINGS = tuple(k for k in SETTINGS if k not in ("n_images", "shard"))  # equal in every shard of a store
 
 
 class FeatureExtractor:
@@ -63,6 +66,8 @@ class FeatureExtractor:
             model's (timm's default 0.875 cuts ~12% of each side; 1.0 keeps the whole image).
         top_stages: 0 for the pooled features; N >= 1 for the map of the trunk that leaves the
             model's last N stages to a trained top (:mod:`hierclass.models.trunk`), flattened.
+        device: where the torch engine runs (``cpu``, ``cuda``, ``cuda:1``); default: the GPU when
+            there is one. The onnx engine runs on the CPU.
 
     Attributes:
         model: the torch backbone (eval).
@@ -84,13 +89,15 @@ class FeatureExtractor:
         onnx_path: str | Path | None = None,
         crop_pct: float | None = None,
         top_stages: int = 0,
+        device: str | None = None,
     ) -> None:
         self.engine = Engine(engine)
+        self.device = torch.device(resolve_device(device) if self.engine is Engine.torch else "cpu")
         self.image_size = image_size
         self.model = create_backbone(backbone, pretrained)
         self.data_config = _data_config(self.model, image_size, crop_pct)
         self.preprocess = resolve_transform(self.data_config)
-        self.dim = int(self.model.num_features)
+        self.dim = pooled_dim(self.model)
         self.map_shape: tuple[int, int, int] | None = None
         if top_stages:
             from hierclass.models.trunk import checked_split
@@ -119,7 +126,15 @@ class FeatureExtractor:
                 export_onnx(self.model, onnx_path, tuple(size), self.stamp, tuple(mean), tuple(std))
             self._onnx = OnnxBackbone(onnx_path)
         else:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(self.device, memory_format=torch.channels_last)
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        if images.device.type == "cpu":
+            return self.preprocess.normalize(images)
+        from hierclass.data.datasets import normalisation
+
+        scale, shift = (t.to(images.device) for t in normalisation(self.preprocess.mean, self.preprocess.std))
+        return torch.addcmul(shift, images.float(), scale)
 
     def transform(self) -> EvalTransform:
         """The preprocessing matching :attr:`data_config`: give it to an ImageDataset, whose ``collate``
@@ -142,8 +157,10 @@ class FeatureExtractor:
             out = self._onnx(images.permute(0, 2, 3, 1).numpy())  # no copy for a channels-last batch
         else:
             with torch.inference_mode():
-                x = self.preprocess.normalize(images) if images.dtype == torch.uint8 else images.float()
-                out = self.model(x.contiguous(memory_format=torch.channels_last)).float().numpy()
+                if self.device.type != "cpu":
+                    images = images.to(self.device, non_blocking=True)
+                x = self._normalize(images) if images.dtype == torch.uint8 else images.float()
+                out = self.model(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
         return out.reshape(len(out), -1) if self.map_shape is not None else out
 
 
@@ -163,6 +180,8 @@ def extract_features(
     top_stages: int = 0,
     progress: bool = True,
     strict: bool = False,
+    shard: tuple[int, int] | None = None,
+    device: str | None = None,
 ) -> FeatureStore:
     """Run the backbone once over every image of ``data`` and store the pooled features.
 
@@ -192,6 +211,10 @@ def extract_features(
         progress: show a progress bar (with images/s) and the final bad-image line.
         strict: refuse a source with any problem (damaged or skipped documents, missing files,
             category_ids that are not leaves of the taxonomy) instead of reporting it.
+        shard: ``(i, n)``: store only shard ``i`` of ``n`` (0-based), a contiguous block of the image rows
+            cut at multiples of ``batch_size``, so that :func:`merge_features` of the ``n`` shards, each
+            extracted with the same settings and batch size, is the store one unsharded run makes.
+        device: where the torch engine runs (default: the GPU when there is one).
 
     Returns:
         The complete store. ``store.meta["last_run"]`` tells what this call did: images
@@ -227,6 +250,12 @@ def extract_features(
     product_row, image_number = image_rows(source)
     product_row = np.asarray(product_row, dtype=np.int64)
     image_number = np.asarray(image_number, dtype=np.int64)
+    shard_meta: dict[str, Any] | None = None
+    if shard is not None:
+        lo, hi = shard_rows(len(product_row), shard, batch_size)
+        shard_meta = {"index": shard[0], "count": shard[1], "rows": [lo, hi], "batch_size": batch_size}
+        shard_meta |= {"n_images_total": len(product_row), "n_products_total": len(source)}
+        product_row, image_number = product_row[lo:hi], image_number[lo:hi]
     product_id = np.asarray(source.product_ids, dtype=np.int64)[product_row]
     source_path = Path(source.path).resolve()
     views = ("orig", "hflip") if hflip else ("orig",)
@@ -245,8 +274,9 @@ def extract_features(
         "source_size": source_path.stat().st_size if source_path.is_file() else None,
         "n_images": len(product_row),
         "taxonomy_fingerprint": tax.fingerprint,
+        **({"shard": shard_meta} if shard_meta is not None else {}),
     }
-    dim = int(model.num_features)
+    dim = pooled_dim(model)
     shape_meta: dict[str, Any] = {}
     if top_stages < 0:
         raise ValueError(f"top_stages must be >= 0, got {top_stages}")
@@ -256,7 +286,7 @@ def extract_features(
         shape = checked_split(model, top_stages, tuple(settings["data_config"]["input_size"]))[2]
         dim = int(np.prod(shape))
         settings["top_stages"] = int(top_stages)
-        shape_meta = {"map_shape": list(shape), "num_features": int(model.num_features)}
+        shape_meta = {"map_shape": list(shape), "num_features": pooled_dim(model)}
     del model
     with _exclusive(out):  # one writer per folder
         resumed = (out / "meta.json").is_file()
@@ -281,7 +311,7 @@ def extract_features(
                 **settings,
                 **shape_meta,
                 "taxonomy_source": tax.source,
-                "n_products": len(source),
+                "n_products": len(source) if shard is None else len(np.unique(product_row)),
                 "source_problems": problems,
             }
             store = FeatureStore.create(
@@ -303,6 +333,7 @@ def extract_features(
             onnx_path=out / ONNX_FILE if engine is Engine.onnx else None,
             crop_pct=crop_pct,
             top_stages=top_stages,
+            device=device,
         )
         pending = store.pending
         dataset = ImageDataset(source, extractor.transform(), product_row[pending], image_number[pending])
@@ -386,6 +417,122 @@ def check_labels(taxonomy: Taxonomy, category_ids: np.ndarray, n_images: np.ndar
             f"{what}; is this the right taxonomy? pass the category_names.csv the dump was labelled with"
         )
     return f"{what}; they are kept as unlabelled (leaf -1)"
+
+
+def shard_rows(n_images: int, shard: tuple[int, int], batch_size: int) -> tuple[int, int]:
+    """The image rows ``[lo, hi)`` of shard ``i`` of ``n``: a contiguous block cut at multiples of
+    ``batch_size``, so each shard's batches are exactly those of one unsharded run.
+
+    Raises:
+        ValueError: ``i`` outside ``0 .. n - 1`` or ``n < 1``.
+    """
+    i, n = shard
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard {i}/{n}: expected I/N with N >= 1 and 0 <= I < N (e.g. 0/4 .. 3/4)")
+    n_batches = -(-n_images // batch_size)
+    lo, hi = n_batches * i // n, n_batches * (i + 1) // n
+    return min(lo * batch_size, n_images), min(hi * batch_size, n_images)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` as ``(I, N)``.
+
+    Raises:
+        HierclassError: not of that form, or ``I`` outside ``0 .. N - 1``.
+    """
+    from hierclass.errors import HierclassError
+
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise HierclassError(f"--shard {text!r}: expected I/N, e.g. 0/4 for the first of 4 shards") from None
+    if n < 1 or not 0 <= i < n:
+        raise HierclassError(f"--shard {text}: I must be 0 to N-1 (the first of 4 shards is 0/4)")
+    return i, n
+
+
+def resolve_device(device: str | None) -> str:
+    """The torch device to run on: as given, else the GPU when there is one, else the CPU.
+
+    Raises:
+        HierclassError: an unknown device, or CUDA asked for where torch sees no GPU.
+    """
+    from hierclass.errors import HierclassError
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise HierclassError(f"--device {device!r} is not supported; use cpu or cuda (cuda:N for a given GPU)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HierclassError(f"--device {device} asked for, but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def merge_features(shards: list[str | Path], out: str | Path) -> FeatureStore:
+    """Join the ``n`` shards of one extraction (``extract_features(..., shard=(i, n))``) into one store.
+
+    The result holds the same rows, features, statuses and settings as the store one unsharded run
+    with the same settings and batch size makes (its ``last_run`` says it was merged).
+
+    Args:
+        shards: the shard folders, in any order; each must be complete.
+        out: the merged store's folder (must not hold a store yet).
+
+    Raises:
+        FeatureStoreError: a shard missing or twice, incomplete, or extracted with other settings.
+    """
+    start = time.perf_counter()
+    stores = [FeatureStore.open(path) for path in shards]
+    if not stores:
+        raise FeatureStoreError("no shard to merge; pass the folders extract-features --shard I/N wrote")
+    for store in stores:
+        if "shard" not in store.meta:
+            raise FeatureStoreError(f"{store.root}: a whole feature store, not a shard (made without --shard)")
+    stores.sort(key=lambda st: st.meta["shard"]["index"])
+    first = stores[0].meta
+    count = int(first["shard"]["count"])
+    found = [int(st.meta["shard"]["index"]) for st in stores]
+    if found != list(range(count)):
+        missing = sorted(set(range(count)) - set(found))
+        what = f"missing {', '.join(f'{i}/{count}' for i in missing)}" if missing else "a shard given twice"
+        raise FeatureStoreError(f"{stores[0].root}: the shards of {count} do not add up ({what})")
+    for store in stores[1:]:
+        differ = [k for k in (*SHARD_SETTINGS, "map_shape") if store.meta.get(k) != first.get(k)]
+        other = store.meta["shard"]
+        if other["count"] != count or other["batch_size"] != first["shard"]["batch_size"]:
+            differ.append("shard count or batch size")
+        if differ:
+            raise FeatureStoreError(
+                f"{store.root}: extracted with other settings than {stores[0].root} ({', '.join(differ)}); "
+                "extract every shard with the same options"
+            )
+    bounds = [st.meta["shard"]["rows"] for st in stores]
+    total = int(first["shard"]["n_images_total"])
+    if bounds[0][0] != 0 or bounds[-1][1] != total or any(a[1] != b[0] for a, b in itertools.pairwise(bounds)):
+        raise FeatureStoreError(f"{stores[0].root}: the shards' rows {bounds} do not cover 0..{total} once")
+    drop = {"shard", "last_run", "complete", "n_bad", "format_version", "n_images", "dim", "views"}
+    meta = {k: v for k, v in first.items() if k not in drop}
+    meta["n_images"] = total
+    meta["n_products"] = int(first["shard"]["n_products_total"])
+    store = FeatureStore.create(
+        out,
+        dim=stores[0].dim,
+        product_id=np.concatenate([st.product_id for st in stores]),
+        image_number=np.concatenate([st.image_number for st in stores]),
+        leaf=np.concatenate([st.leaf for st in stores]),
+        meta=meta,
+        views=tuple(first["views"]),
+    )
+    chunk = 65_536
+    for shard, (lo, _) in zip(stores, bounds, strict=True):
+        for a in range(0, shard.n_images, chunk):
+            b = min(a + chunk, shard.n_images)
+            views = {view: np.asarray(shard.features(view)[a:b]) for view in first["views"]}
+            store.write(np.arange(lo + a, lo + b), views, np.asarray(shard.status[a:b]))
+    seconds = time.perf_counter() - start
+    summary = _run_summary(0, 0, seconds, seconds, resumed=False, done=False)
+    store.mark_complete(last_run={**summary, "merged_shards": [str(st.root) for st in stores]})
+    return store
 
 
 # ---------------------------------------------------------------------- helpers

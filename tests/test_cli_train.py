@@ -45,6 +45,14 @@ def test_train_all_three(setup: dict[str, str]) -> None:
     assert "experts (branch 'BRANCH 1')" in result.stdout
 
 
+def test_run_dir_is_the_run_option(setup: dict[str, str]) -> None:
+    run = Path(setup["run"]) / "by-run-dir"
+    base = ["--train", setup["train"], "--taxonomy", setup["tax"], "--run-dir", str(run), "--epochs", "1"]
+    result = runner.invoke(app, ["train-router", *base, "--solver", "adamw"])
+    assert result.exit_code == 0, result.output
+    assert (run / "router" / "model.safetensors").is_file() and f"saved {run / 'router'}" in result.stdout
+
+
 def test_without_val_holds_out_products(setup: dict[str, str]) -> None:
     result = runner.invoke(app, ["train-flat", *args(setup, val=False)])
     assert result.exit_code == 0, result.output

@@ -248,3 +248,68 @@ def test_uint8_pipeline_gives_the_features_of_timms_transform(jpeg_sample_bson: 
     assert cosine.min() > 0.999
     crop_all = FeatureExtractor(engine="torch", image_size=128, crop_pct=1.0)
     assert crop_all.data_config["crop_pct"] == 1.0 and crop_all.transform().scale_size == (128, 128)
+
+
+def test_shards_merge_into_exactly_the_unsharded_store(dump: Path, taxonomy: Taxonomy, tmp_path: Path) -> None:
+    """Three shards (cut at batch boundaries, one holding the bad image) merged: the same bytes as one run."""
+    whole = _extract(dump, taxonomy, tmp_path / "whole")
+    parts = [_extract(dump, taxonomy, tmp_path / f"s{i}", shard=(i, 3)) for i in (2, 0, 1)]
+    assert sorted(p.n_images for p in parts) == [4, 4, 5] and sum(p.n_images for p in parts) == whole.n_images
+    assert all(p.meta["shard"]["rows"][0] % 4 == 0 for p in parts)  # cut at multiples of --batch-size
+    result = runner.invoke(app, ["merge-features", *(str(p.root) for p in parts), "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    merged = FeatureStore.open(tmp_path / "merged")
+    for name in ("product_id", "image_number", "leaf"):
+        assert np.array_equal(getattr(merged, name), getattr(whole, name)), name
+    assert np.asarray(merged.status).tobytes() == np.asarray(whole.status).tobytes()
+    assert np.asarray(merged.features()).tobytes() == np.asarray(whole.features()).tobytes()  # bitwise
+    assert (tmp_path / "merged" / "features.npy").read_bytes() == (tmp_path / "whole" / "features.npy").read_bytes()
+    skip = {"last_run"}
+    assert {k: v for k, v in merged.meta.items() if k not in skip} == {
+        k: v for k, v in whole.meta.items() if k not in skip
+    }
+
+
+def test_merge_refuses_missing_or_mismatched_shards(dump: Path, taxonomy: Taxonomy, tmp_path: Path) -> None:
+    from hierclass.features import merge_features, parse_shard
+
+    a = _extract(dump, taxonomy, tmp_path / "a", shard=(0, 2))
+    with pytest.raises(FeatureStoreError, match="missing 1/2"):
+        merge_features([a.root], tmp_path / "m1")
+    other = _extract(dump, taxonomy, tmp_path / "b", shard=(1, 2), image_size=SIZE + 8)
+    with pytest.raises(FeatureStoreError, match="other settings .*data_config"):
+        merge_features([a.root, other.root], tmp_path / "m2")
+    whole = _extract(dump, taxonomy, tmp_path / "w")
+    with pytest.raises(FeatureStoreError, match="not a shard"):
+        merge_features([a.root, whole.root], tmp_path / "m3")
+    from hierclass.errors import HierclassError
+
+    for bad in ("2/2", "1", "a/b", "0/0"):
+        with pytest.raises(HierclassError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_torch_engine_device_is_checked() -> None:
+    from hierclass.errors import HierclassError
+    from hierclass.features import resolve_device
+
+    assert resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(HierclassError, match="use cpu or cuda"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(HierclassError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_cli_shard_option_is_checked_in_one_line(dump: Path, tmp_path: Path) -> None:
+    csv_path = tmp_path / "category_names.csv"
+    rows = ["category_id,category_level1,category_level2,category_level3"]
+    rows += [",".join(map(str, r)) for r in TAXONOMY_ROWS]
+    csv_path.write_text("\n".join(rows) + "\n")
+    base = ["extract-features", "--data", str(dump), "--taxonomy", str(csv_path), "--engine", "torch"]
+    base += ["--backbone", TINY, "--pretrained", "none", "--image-size", str(SIZE), "--no-progress"]
+    bad = runner.invoke(app, [*base, "--out", str(tmp_path / "x"), "--shard", "2/2"])
+    assert bad.exit_code == 1 and len(bad.stderr.strip().splitlines()) == 1 and "--shard 2/2" in bad.stderr
+    good = runner.invoke(app, [*base, "--out", str(tmp_path / "s1"), "--shard", "1/2", "--device", "cpu"])
+    assert good.exit_code == 0, good.output
+    assert "shard        1/2" in good.stdout and FeatureStore.open(tmp_path / "s1").meta["shard"]["index"] == 1

@@ -1,7 +1,9 @@
-"""``hierclass extract-features``: run a frozen backbone once over a dump into a feature folder."""
+"""``hierclass extract-features``: run a frozen backbone once over a dump into a feature folder (or one
+shard of it, ``--shard I/N``); ``hierclass merge-features`` joins the shards into one folder."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -43,12 +45,31 @@ def extract_features_command(
     strict: Annotated[
         bool, typer.Option(help="Fail on any problem of the source instead of skipping and reporting it.")
     ] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="I/N: extract only shard I of N (0-based) into --out, e.g. one per machine; join the N folders "
+            "with merge-features. Under torchrun each process takes its own shard (OUT/shard-I-of-N).",
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="Where the torch engine runs: cpu, cuda or cuda:N (default: the GPU if any).")
+    ] = None,
 ) -> None:
     """Extract backbone features of every image (pooled, or trunk maps with --top-stages), resumably, into a
     feature folder."""
-    from hierclass.features import extract_features
+    from hierclass.features import extract_features, parse_shard
     from hierclass.outputs import check_writable_dir
 
+    parts = parse_shard(shard) if shard is not None else None
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if parts is None and world > 1:  # torchrun: one shard per process, each on its own GPU
+        parts = (int(os.environ.get("RANK", "0")), world)
+        out = out / f"shard-{parts[0]}-of-{world}"
+        if engine == Engine.torch and device is None:
+            import torch
+
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     check_writable_dir(out, "--out")
     store = extract_features(
         data,
@@ -64,6 +85,8 @@ def extract_features_command(
         top_stages=top_stages,
         progress=progress,
         strict=strict,
+        shard=parts,
+        device=device,
     )
     for line in store.meta.get("source_problems", []):
         typer.echo(f"warning: {line}", err=True)
@@ -84,3 +107,21 @@ def extract_features_command(
             f"this run     {run['images'] + run['bad']} images in {run['seconds']:.1f} s, "
             f"{run['images_per_s']:.1f} images/s{resumed}, engine {store.meta['engine']}"
         )
+    if parts is not None:
+        typer.echo(f"shard        {parts[0]}/{parts[1]}: rows {store.meta['shard']['rows']}; join all {parts[1]} "
+                   "with hierclass merge-features")  # fmt: skip
+
+
+@command(name="merge-features")
+def merge_features_command(
+    shards: Annotated[list[Path], typer.Argument(exists=True, file_okay=False, help="The N shard folders.")],
+    out: Annotated[Path, typer.Option(help="The merged feature folder.")],
+) -> None:
+    """Join the N shards of one extraction (extract-features --shard I/N) into one feature folder, the same as
+    one unsharded run gives."""
+    from hierclass.features import merge_features
+    from hierclass.outputs import check_writable_dir
+
+    check_writable_dir(out, "--out")
+    store = merge_features(list(shards), out)
+    typer.echo(f"features     {out}  ({len(shards)} shards, {store.n_images} images, {store.meta['n_bad']} bad)")

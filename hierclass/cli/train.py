@@ -1,6 +1,9 @@
-"""``hierclass train-router | train-experts | train-flat``: train a head on cached features.
+"""``hierclass train-router | train-experts | train-flat``: train a head on cached features, or a whole CNN on images.
 
-One run directory holds an experiment's three heads: ``RUN/router``, ``RUN/experts``, ``RUN/flat``,
+``--train`` is a feature folder (``extract-features``), or an image source (a ``.bson`` dump, a
+``.csv`` catalogue or a folder of category folders): the CNN is then fine-tuned from the pixels
+(:func:`hierclass.engine.train_head`). Under ``torchrun`` every process runs the command and
+rank 0 alone writes. One run directory holds an experiment's three heads: ``RUN/router``, ``RUN/experts``, ``RUN/flat``,
 with a copy of their taxonomy and a manifest (:class:`hierclass.run.Run`). Every field of
 :class:`~hierclass.config.TrainConfig` is an option; ``--config FILE`` reads them from a TOML
 file, and options given on the command line override the file.
@@ -9,6 +12,7 @@ file, and options given on the command line override the file.
 from __future__ import annotations
 
 import inspect
+import os
 import typing
 from enum import Enum
 from pathlib import Path
@@ -18,6 +22,7 @@ import typer
 
 from hierclass.cli.app import command, fail
 from hierclass.config import (
+    AMP_MODES,
     BN_MODES,
     CLASS_BALANCE,
     INIT_FROM,
@@ -34,19 +39,31 @@ Solver = Enum("Solver", {s: s for s in SOLVERS}, type=str)  # type: ignore[misc]
 ClassBalance = Enum("ClassBalance", {s: s for s in CLASS_BALANCE}, type=str)  # type: ignore[misc]
 BnMode = Enum("BnMode", {s: s for s in BN_MODES}, type=str)  # type: ignore[misc]
 InitFrom = Enum("InitFrom", {s: s for s in INIT_FROM}, type=str)  # type: ignore[misc]
-_CHOICES: dict[str, type] = {"solver": Solver, "class_balance": ClassBalance, "bn": BnMode, "init_from": InitFrom}
+AmpMode = Enum("AmpMode", {s: s for s in AMP_MODES}, type=str)  # type: ignore[misc]
+_CHOICES: dict[str, type] = {
+    "solver": Solver,
+    "class_balance": ClassBalance,
+    "bn": BnMode,
+    "init_from": InitFrom,
+    "amp": AmpMode,
+}
 _OWN_OPTIONS = ("progress", "expert_other")  # declared by hand below
 
 FeaturesDir = Annotated[
-    Path, typer.Option("--train", exists=True, file_okay=False, help="Training features (a feature store directory).")
+    Path,
+    typer.Option(
+        "--train",
+        exists=True,
+        help="Training features (a feature folder), or images (a .bson dump, a .csv catalogue or a folder of "
+        "category folders) to fine-tune the CNN on.",
+    ),
 ]
 ValDir = Annotated[
     Path | None,
     typer.Option(
         "--val",
         exists=True,
-        file_okay=False,
-        help="Features to report the head's accuracy on; never used to choose anything.",
+        help="Features (or images, with images to --train) to report the accuracy on; never used to choose anything.",
     ),
 ]
 TaxonomyCsv = Annotated[
@@ -58,7 +75,15 @@ TaxonomyCsv = Annotated[
         help="The category_names.csv of the labels; default: the run's copy, else the one the features were made with.",
     ),
 ]
-RunDir = Annotated[Path, typer.Option("--run", help="Run directory; the head goes to RUN/<router|experts|flat>.")]
+RunDir = Annotated[
+    Path,
+    typer.Option(
+        "--run",
+        "--run-dir",
+        help="Run directory; the head goes to RUN/<router|experts|flat>. --run-dir is the same option, for "
+        "torchrun, whose own parser takes --run as its --run-path.",
+    ),
+]
 ConfigFile = Annotated[
     Path | None,
     typer.Option("--config", exists=True, dir_okay=False, help="A TOML file of training options (the option names)."),
@@ -126,10 +151,17 @@ def training_taxonomy(taxonomy: Path | None, run: Run, store_meta: dict[str, Any
     source = store_meta.get("taxonomy_source")
     if source and Path(source).is_file():
         return Taxonomy.from_csv(source)
+    if not store_meta:
+        raise HierclassError(f"{train}: images need the taxonomy of their labels; pass --taxonomy category_names.csv")
     raise HierclassError(
         f"{train}: the taxonomy these features were labelled with ({source or 'not recorded'}) is not there "
         "and the run has none; pass --taxonomy"
     )
+
+
+def is_feature_folder(path: Path) -> bool:
+    """Whether ``--train`` / ``--val`` names a feature folder (else an image source to fine-tune on)."""
+    return path.is_dir() and (path / "meta.json").is_file()
 
 
 def _train(
@@ -147,20 +179,35 @@ def _train(
     from hierclass.outputs import check_writable_dir
 
     check_writable_dir(run_dir / kind, "--run")  # before the work, not after it
+    main = int(os.environ.get("RANK", "0") or 0) == 0  # under torchrun, rank 0 alone writes and prints
     from hierclass.engine import train_head
-    from hierclass.featurestore import FeatureStore
 
-    train_store = FeatureStore.open(train)
-    val_store = FeatureStore.open(val) if val is not None else None
     run = Run(run_dir)
-    tax = training_taxonomy(taxonomy, run, train_store.meta, train)
-    train_store.check_taxonomy(tax.fingerprint)
-    run.adopt_taxonomy(tax)
+    if is_feature_folder(train):
+        from hierclass.featurestore import FeatureStore
+
+        train_data: Any = FeatureStore.open(train)
+        val_data: Any = FeatureStore.open(val) if val is not None else None
+        tax = training_taxonomy(taxonomy, run, train_data.meta, train)
+        train_data.check_taxonomy(tax.fingerprint)
+    else:
+        from hierclass.data.training import ImageRows
+
+        tax = training_taxonomy(taxonomy, run, {}, train)
+        train_data = ImageRows.open(train, tax, progress=main)
+        val_data = ImageRows.open(val, tax, progress=main) if val is not None else None
+        if main:
+            for line in train_data.problems:
+                typer.echo(f"warning: {line}", err=True)
+    if main:
+        run.adopt_taxonomy(tax)
     out_dir = run.head_dir(kind)
     m = train_head(
-        kind, train_store, val_store, tax, config, out_dir, branch=branch, overwrite=overwrite,
+        kind, train_data, val_data, tax, config, out_dir, branch=branch, overwrite=overwrite,
         echo=lambda line: typer.echo(line, err=True),
     )  # fmt: skip
+    if not main:
+        return
     run.record_head(
         kind if branch is None else f"{kind}[{branch}]",
         {"train": str(train), "val": str(val) if val else None, "config": config.to_dict(), "metrics": m},

@@ -12,7 +12,8 @@ Where its weights come from is one string:
   name by name onto timm's ``tf_efficientnet_lite0`` and loaded strictly;
 * a path to a ``.safetensors`` file or a torch state dict (``.pth``/``.pt``/``.bin``, read with
   ``weights_only=True``: never unpickles arbitrary objects), in timm naming or in
-  lukemelas EfficientNet naming.
+  lukemelas EfficientNet naming;
+* the folder of a head fine-tuned from images (``RUN/flat``): the backbone it trained.
 
 Preprocessing is not hard-coded here: :func:`data_config` resolves it from the model's own
 config (timm's ``resolve_model_data_config``), with an optional smaller input size for speed.
@@ -88,7 +89,7 @@ def create_backbone(name: str, pretrained: str = "none", *, keep_classifier: boo
             )
         model = _from_state_dict(name, _read_lite0(), keep_classifier, f"package {LITE0_PACKAGE}")
     else:
-        path = Path(source)
+        path = _weights_file(source)
         if not path.is_file():
             choices = ", ".join(p.value for p in Pretrained)
             raise CheckpointError(
@@ -97,6 +98,12 @@ def create_backbone(name: str, pretrained: str = "none", *, keep_classifier: boo
             )
         model = _from_state_dict(name, read_checkpoint(path), keep_classifier, str(path))
     return model.eval()
+
+
+def pooled_dim(model: nn.Module) -> int:
+    """The width of what a timm model built with ``num_classes=0`` returns: ``num_features``, or, for models
+    with a conv head after the pooling (MobileNetV3: 288 -> 1024), ``head_hidden_size``."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
 def data_config(model: nn.Module, image_size: int | None = None) -> dict[str, Any]:
@@ -139,7 +146,7 @@ def source_fingerprint(pretrained: str) -> str | None:
     """
     if pretrained in (Pretrained.hub.value, Pretrained.none.value):
         return None
-    path = lite0_checkpoint_path() if pretrained == Pretrained.efficientnet_lite0.value else Path(pretrained)
+    path = lite0_checkpoint_path() if pretrained == Pretrained.efficientnet_lite0.value else _weights_file(pretrained)
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -220,6 +227,22 @@ def lukemelas_to_timm(state_dict: Mapping[str, torch.Tensor], model: nn.Module) 
 
 
 # ---------------------------------------------------------------------- helpers
+FINE_TUNED_FILE = "backbone.safetensors"  # what a head fine-tuned from images keeps of its CNN (hierclass.engine)
+
+
+def _weights_file(source: str) -> Path:
+    """The weights file ``--pretrained`` names: the path itself, or a fine-tuned run's backbone in that folder."""
+    path = Path(source)
+    if path.is_dir():
+        if not (path / FINE_TUNED_FILE).is_file():
+            raise CheckpointError(
+                f"--pretrained {source}: a folder without {FINE_TUNED_FILE}; give a head folder trained from images "
+                "(RUN/flat, RUN/router) or a checkpoint file"
+            )
+        return path / FINE_TUNED_FILE
+    return path
+
+
 def _check_name(name: str) -> None:
     if timm.is_model(name):
         return
