@@ -44,7 +44,9 @@ class FeatureSpec:
     Attributes:
         backbone: the timm model name.
         pretrained: where its weights came from (a name, a file, ``none``).
-        pretrained_sha256: a fingerprint of those weights, when recorded.
+        pretrained_sha256: a fingerprint of those weights, when recorded. Where it is, it
+            identifies the weights and ``pretrained`` is not compared, so a run or a
+            checkpoint file can move.
         input_size: ``(channels, height, width)`` fed to the backbone.
         interpolation, crop_pct, crop_mode, mean, std: the rest of timm's data config.
         preprocess: the version of hierclass's decode-and-resize path.
@@ -110,6 +112,8 @@ class FeatureSpec:
         }
         if not self.top_stages:
             out.pop("top_stages")
+        if self.pretrained_sha256 is not None:
+            out.pop("pretrained", None)
         out.update(self.legacy)
         return out
 

@@ -34,3 +34,14 @@ def test_spec_reads_store_meta_and_names_what_differs() -> None:
     legacy = FeatureSpec.from_meta({"backbone": "resnet50", "image_size": 224})
     assert legacy.differences(FeatureSpec.from_meta({"backbone": "resnet50", "image_size": 160})) == ["image_size"]
     assert FeatureSpec.from_meta(None).identity() == {}
+
+
+def test_weights_are_known_by_their_fingerprint_so_a_run_can_move() -> None:
+    spec = FeatureSpec.from_meta({**STORE_META, "pretrained": "runs/ft/flat/backbone.safetensors"})
+    moved = FeatureSpec.from_meta({**STORE_META, "pretrained": "elsewhere/ft/flat/backbone.safetensors"})
+    assert spec.differences(moved) == []
+    retrained = FeatureSpec.from_meta({**moved.identity(), "pretrained_sha256": "cd34"})
+    assert spec.differences(retrained) == ["pretrained_sha256"]
+    unhashed = {k: v for k, v in STORE_META.items() if k != "pretrained_sha256"}
+    a = FeatureSpec.from_meta({**unhashed, "pretrained": "a.safetensors"})
+    assert a.differences(FeatureSpec.from_meta({**unhashed, "pretrained": "b.safetensors"})) == ["pretrained"]
