@@ -40,15 +40,17 @@ def _dump(tmp_path: Path, *docs: bytes, name: str = "d.bson") -> Path:
 
 
 def _same_index_with_any_buffer(dump: Path, index, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The scan's window size changes nothing: documents that cross a window's end, or span several
-    windows, give the same rows, counts, offsets and messages."""
-    for chunk in (16, 97, 1000):
+    """The scan's window size changes nothing, nor does mapping windows in without the helper thread:
+    documents that cross a window's end, or span several windows, give the same rows, counts, offsets
+    and messages."""
+    for chunk, helper in ((16, True), (97, True), (1000, True), (97, False)):
         with monkeypatch.context() as m:
             m.setattr(bson_index, "_WINDOW", chunk)
+            m.setattr(bson_index, "_HELPER", helper)
             other = scan_dump(dump, progress=False)
         for name in ("offset", "length", "product_id", "category_id", "n_images"):
-            assert getattr(other, name).tolist() == getattr(index, name).tolist(), (chunk, name)
-        assert other.report == index.report, chunk
+            assert getattr(other, name).tolist() == getattr(index, name).tolist(), (chunk, helper, name)
+        assert other.report == index.report, (chunk, helper)
 
 
 # ---------------------------------------------------------------------- the real sample

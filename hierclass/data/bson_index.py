@@ -200,6 +200,9 @@ class BsonIndex:
 _ROWS = 1 << 16  # products per call of the compiled loop, at most
 _WINDOW = 32 << 20  # bytes the helper thread maps in ahead of the scan, and the scan's step
 _FIRST_WINDOW = 1 << 20  # the first step, short: nothing maps it in ahead
+# HIERCLASS_INDEX_HELPER=0: the scan maps each window in itself, between windows, without the helper
+# thread (``benchmarks/bench_intricate.py`` measures what the thread buys end to end).
+_HELPER = os.environ.get("HIERCLASS_INDEX_HELPER", "1") != "0"
 
 # Why the pass stopped (a broken frame), with one value: what the length prefix said, or the bytes left.
 _STOP_NONE, _STOP_STUB, _STOP_BELOW_MIN, _STOP_PAST_EOF, _STOP_NO_FINAL_ZERO = 0, 1, 2, 3, 4
@@ -646,8 +649,10 @@ def _scan(path: Path, f, size: int, bar: tqdm) -> BsonIndex:
         for i, (_, end) in enumerate(windows):
             if ahead is not None:
                 ahead.result()  # this window is mapped in (or the file shrank: OSError)
-            if i + 1 < len(windows):  # while this window is scanned
+            if i + 1 < len(windows) and _HELPER:  # while this window is scanned
                 ahead = helper.submit(file_map.advance, off, *windows[i + 1])
+            elif i > 0:  # no helper: this window is mapped in now, before its scan
+                file_map.advance(off, *windows[i])
             while True:
                 off, stop, value = state.run(file_map.u8, off, end)
                 if stop == _STOP_NONE:

@@ -17,7 +17,9 @@ segments (``memfd``, one batch each) and reuses them:
 
 Outside a worker, where ``os.memfd_create`` is missing, or when a worker already has
 ``MAX_SEGMENTS`` batches in flight (e.g. the consumer keeps every batch), batches are ordinary
-tensors and take torch's path.
+tensors and take torch's path. So do all batches when the environment sets
+``HIERCLASS_HANDOVER=0`` (read when this module is imported; DataLoader workers inherit it), which
+``benchmarks/bench_intricate.py`` uses to measure what the handover buys end to end.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from multiprocessing.reduction import DupFd
 
 import numpy as np
 import torch
+
+ENABLED = os.environ.get("HIERCLASS_HANDOVER", "1") != "0"
+"""False: every batch takes torch's own path (``HIERCLASS_HANDOVER=0``)."""
 
 MAX_SEGMENTS = 16
 """Batches a worker may have in flight (written, not yet released by the main process) in its own
@@ -102,7 +107,7 @@ _pool: _Pool | None = None
 def _worker_pool() -> _Pool | None:
     """This DataLoader worker's pool (made on first use), or None outside a worker."""
     global _pool
-    if torch.utils.data.get_worker_info() is None or not hasattr(os, "memfd_create"):
+    if not ENABLED or torch.utils.data.get_worker_info() is None or not hasattr(os, "memfd_create"):
         return None
     if _pool is None or _pool.pid != os.getpid():
         read, write = os.pipe()
