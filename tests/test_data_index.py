@@ -40,17 +40,15 @@ def _dump(tmp_path: Path, *docs: bytes, name: str = "d.bson") -> Path:
 
 
 def _same_index_with_any_buffer(dump: Path, index, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The scan's window size changes nothing, nor does mapping windows in without the helper thread:
-    documents that cross a window's end, or span several windows, give the same rows, counts, offsets
-    and messages."""
-    for chunk, helper in ((16, True), (97, True), (1000, True), (97, False)):
+    """The scan's window size changes nothing: documents that cross a window's end, or span several
+    windows, give the same rows, counts, offsets and messages."""
+    for chunk in (16, 97, 1000):
         with monkeypatch.context() as m:
             m.setattr(bson_index, "_WINDOW", chunk)
-            m.setattr(bson_index, "_HELPER", helper)
             other = scan_dump(dump, progress=False)
         for name in ("offset", "length", "product_id", "category_id", "n_images"):
-            assert getattr(other, name).tolist() == getattr(index, name).tolist(), (chunk, helper, name)
-        assert other.report == index.report, (chunk, helper)
+            assert getattr(other, name).tolist() == getattr(index, name).tolist(), (chunk, name)
+        assert other.report == index.report, chunk
 
 
 # ---------------------------------------------------------------------- the real sample
@@ -96,11 +94,11 @@ def test_distinct_categories_counted_however_far_apart(tmp_path: Path) -> None:
 
 
 def test_page_cache_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The helper maps a window in only if it is cached: the probe tells a cached file from one that
+    """A window is mapped in ahead of the scan only if it is cached: the probe tells a cached file from one that
     is not (where the file system lets the test drop it from the cache), and either way the pass
     finds the same documents."""
     path = _dump(tmp_path, *(_doc(pid) for pid in range(1, 50)))
-    monkeypatch.setattr(bson_index, "_WINDOW", 4096)  # several windows, so the helper probes
+    monkeypatch.setattr(bson_index, "_WINDOW", 4096)  # several windows, so each one is probed
     fd = os.open(path, os.O_RDONLY)
     try:
         warm = scan_dump(path, progress=False)
@@ -272,7 +270,7 @@ def test_dump_shrinking_during_the_pass_is_a_dump_error(
             self.st_size = next(sizes, 100)
 
     monkeypatch.setattr(bson_index.os, "fstat", Stat)
-    monkeypatch.setattr(bson_index, "_WINDOW", 64)  # several windows: the helper checks each one
+    monkeypatch.setattr(bson_index, "_WINDOW", 64)  # several windows: each one is checked
     assert size > 3 * 64
     now = size if when == "before the map" else 100
     message = rf"^{dump}: read failed during indexing \(the file now ends at byte {now}, before byte \d+: it shrank"

@@ -5,11 +5,10 @@ A dump is a file of concatenated BSON documents
 ``category_id``). :func:`scan_dump` walks it once, reading each document's 4-byte length
 prefix and the headers of its elements, and skips the picture payloads by their length, so
 the work is per document, not per byte. The file is read through one read-only memory map, no
-copy of the bytes at all, in windows of 32 MiB: while the compiled loop scans one window, a helper
-thread unmaps the window behind and maps the next one in (its page-table entries) when its pages
-are in the page cache, so the process never maps more than a few windows of a 58 GB dump. On
-small documents (2.4 KB, Fashion-like) those page faults had cost a quarter of the pass. On a
-cold file the scan's own faults read the disk, with the kernel's sequential read-ahead. Either
+copy of the bytes at all, in windows of 32 MiB: before the compiled loop scans a window, the
+window behind is unmapped and this one mapped in (its page-table entries) when its pages are in
+the page cache, so the process never maps more than a few windows of a 58 GB dump. On a cold
+file the scan's own faults read the disk, with the kernel's sequential read-ahead. Either
 way the pass runs at or above the speed of a plain sequential read of the file
 (``benchmarks/bench_data.py``, figures in ``benchmarks/README.md``). The loop is compiled with
 numba (cached on disk after the first use); a Python loop managed ~0.5 GB/s.
@@ -44,7 +43,6 @@ import os
 import struct
 import zipfile
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -195,14 +193,13 @@ class BsonIndex:
 # prefixes from document to document, walk each document's element headers, skip values by
 # their length. It reports what it found as small integer codes; Python turns the first bad
 # frame and the first malformed document into messages (:func:`_stop_reason`, :func:`_malformed_reason`).
-# While the loop scans one window of the map, a helper thread unmaps the window behind and maps the
-# next one in when its pages are in the page cache (:class:`_FileMap`).
+# Before the loop scans a window of the map, the window behind is unmapped and this one mapped in
+# when its pages are in the page cache (:class:`_FileMap`). Doing that in a helper thread while the
+# previous window was scanned saved 7% of `hierclass index` on a warm 1 GB dump and nothing on a
+# cold one (``benchmarks/bench_intricate.py``): not worth a thread.
 _ROWS = 1 << 16  # products per call of the compiled loop, at most
-_WINDOW = 32 << 20  # bytes the helper thread maps in ahead of the scan, and the scan's step
-_FIRST_WINDOW = 1 << 20  # the first step, short: nothing maps it in ahead
-# HIERCLASS_INDEX_HELPER=0: the scan maps each window in itself, between windows, without the helper
-# thread (``benchmarks/bench_intricate.py`` measures what the thread buys end to end).
-_HELPER = os.environ.get("HIERCLASS_INDEX_HELPER", "1") != "0"
+_WINDOW = 32 << 20  # the scan's step, and the bytes mapped in at a time
+_FIRST_WINDOW = 1 << 20  # the first step, short: mapped in by the scan's own faults
 
 # Why the pass stopped (a broken frame), with one value: what the length prefix said, or the bytes left.
 _STOP_NONE, _STOP_STUB, _STOP_BELOW_MIN, _STOP_PAST_EOF, _STOP_NO_FINAL_ZERO = 0, 1, 2, 3, 4
@@ -637,22 +634,16 @@ class _Pass:
 
 def _scan(path: Path, f, size: int, bar: tqdm) -> BsonIndex:
     """Scan the dump through one read-only map of the whole file, :data:`_WINDOW` bytes at a time,
-    the helper thread mapping the next window in while the compiled loop scans this one."""
+    each window mapped in just before the compiled loop scans it."""
     state = _Pass()
     off, stop, value = 0, _STOP_NONE, 0
     first = None  # (offset, code, value, products before it) of the first broken frame
     damaged = lost = 0
     resume: int | None = None
-    with _FileMap(f.fileno(), size) as file_map, ThreadPoolExecutor(1, thread_name_prefix="hierclass-index") as helper:
-        windows = _windows(size)
-        ahead = None  # the first window is mapped in as it is scanned; a dump of one window starts no thread
-        for i, (_, end) in enumerate(windows):
-            if ahead is not None:
-                ahead.result()  # this window is mapped in (or the file shrank: OSError)
-            if i + 1 < len(windows) and _HELPER:  # while this window is scanned
-                ahead = helper.submit(file_map.advance, off, *windows[i + 1])
-            elif i > 0:  # no helper: this window is mapped in now, before its scan
-                file_map.advance(off, *windows[i])
+    with _FileMap(f.fileno(), size) as file_map:
+        for i, (_, end) in enumerate(windows := _windows(size)):
+            if i:  # the first window is mapped in by its scan's faults
+                file_map.advance(off, *windows[i])  # (or the file shrank: OSError)
             while True:
                 off, stop, value = state.run(file_map.u8, off, end)
                 if stop == _STOP_NONE:
@@ -675,7 +666,6 @@ def _scan(path: Path, f, size: int, bar: tqdm) -> BsonIndex:
             bar.update(off - bar.n)
             if off >= size:
                 break
-    # leaving the block waits for the helper before the map closes
     indexed = size - lost
     table = np.concatenate(state.chunks, axis=1) if state.chunks else np.zeros((5, 0), np.int64)
     stop_reason = _stop_reason(first[1], first[2], size - first[0]) if first is not None else None
@@ -716,8 +706,8 @@ def _shrank(now: int, needed: int) -> OSError:
 
 
 class _FileMap:
-    """The whole file (``size`` bytes of ``fd``), memory-mapped read-only as ``u8``. The helper thread
-    (:meth:`advance`) unmaps the pages the scan has passed (they stay in the page cache) and maps in
+    """The whole file (``size`` bytes of ``fd``), memory-mapped read-only as ``u8``. :meth:`advance`
+    unmaps the pages the scan has passed (they stay in the page cache) and maps in
     the next window, so the process never maps more than a few windows however large the dump."""
 
     def __init__(self, fd: int, size: int) -> None:
@@ -739,7 +729,7 @@ class _FileMap:
         and, if they are in the page cache, map their pages in. Pages still on the disk are left to the
         scan: its faults read them with the kernel's sequential read-ahead, which measured faster than
         reading them here (by touch or ``MADV_WILLNEED``) while the scan waits."""
-        assert self.mm is not None  # a dump of one window or less has no window ahead
+        assert self.mm is not None  # a dump of one window or less has no second window
         behind = scanned - scanned % mmap.PAGESIZE
         if behind > self.released and hasattr(mmap, "MADV_DONTNEED"):
             self.mm.madvise(mmap.MADV_DONTNEED, self.released, behind - self.released)

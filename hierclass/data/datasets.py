@@ -11,8 +11,6 @@ in the DataLoader workers (:meth:`EvalTransform.batch`: torch's SIMD uint8 antia
 over all the images of a size at once, several times cheaper per image than one Pillow resize
 each); the float conversion and mean/std normalisation run once per batch where the model is
 (:meth:`EvalTransform.normalize`, done by :class:`~hierclass.features.FeatureExtractor`).
-A worker writes its batches into shared memory the main process maps once and hands back when
-it has let go of a batch (:mod:`hierclass.data.handover`), not into fresh memory per batch.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ import simplejpeg
 import torch
 from PIL import Image
 
-from hierclass.data import handover
 from hierclass.data.sources import ImageSource
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -200,11 +197,8 @@ def _indices(values: Iterable[int]) -> np.ndarray:
 
 
 def _stack(images: Sequence[torch.Tensor], transform: EvalTransform | None) -> torch.Tensor:
-    """The collate functions' batch; in a DataLoader worker, written into memory the main process
-    can reuse and packed to be handed over (:mod:`hierclass.data.handover`)."""
-    if transform is None:
-        return torch.stack(list(images))
-    return handover.pack(transform.batch(images, out=handover.batch_buffer(len(images), *transform.size)))
+    """The collate functions' batch: the images stacked, or resized and cropped by ``transform``."""
+    return torch.stack(list(images)) if transform is None else transform.batch(images)
 
 
 class ProductDataset(torch.utils.data.Dataset):
