@@ -53,29 +53,37 @@ def extract(data: Path, work: Path) -> None:
 
 def train(work: Path, epochs: int) -> dict[str, float]:
     from hierclass.config import TrainConfig
-    from hierclass.engine import train_head
     from hierclass.featurestore import FeatureStore
-    from hierclass.run import Run
 
-    seconds: dict[str, float] = {}
     maps = FeatureStore.open(work / "maps1-train"), FeatureStore.open(work / "maps1-val")
     pooled = FeatureStore.open(work / "pooled-train"), FeatureStore.open(work / "pooled-val")
-    plan = [
-        ("runA", "flat", maps, TrainConfig(epochs=epochs, patience=0)),
-        ("runA", "router", maps, TrainConfig(epochs=epochs, patience=0)),
-        ("runA", "experts", maps, TrainConfig(epochs=epochs, patience=0, init_from="flat")),
-        ("runB", "flat", maps, TrainConfig(epochs=epochs, patience=0, seed=1)),
-        ("runC", "flat", maps, TrainConfig(epochs=2 * epochs, patience=0)),
-        ("runD", "router", maps, TrainConfig(epochs=epochs, patience=0)),  # the same as runA's (deterministic)
-        ("runD", "experts", maps, TrainConfig(epochs=epochs, patience=0)),
-        *((("pooled", kind, pooled, TrainConfig())) for kind in ("flat", "router", "experts")),
-    ]
+    return run_plan(
+        work,
+        [
+            ("runA", "flat", maps, TrainConfig(epochs=epochs, patience=0)),
+            ("runA", "router", maps, TrainConfig(epochs=epochs, patience=0)),
+            ("runA", "experts", maps, TrainConfig(epochs=epochs, patience=0, init_from="flat")),
+            ("runB", "flat", maps, TrainConfig(epochs=epochs, patience=0, seed=1)),
+            ("runC", "flat", maps, TrainConfig(epochs=2 * epochs, patience=0)),
+            ("runD", "router", maps, TrainConfig(epochs=epochs, patience=0)),  # the same as runA's (deterministic)
+            ("runD", "experts", maps, TrainConfig(epochs=epochs, patience=0)),
+            *((("pooled", kind, pooled, TrainConfig())) for kind in ("flat", "router", "experts")),
+        ],
+    )
+
+
+def run_plan(work: Path, plan: list) -> dict[str, float]:
+    """Train each ``(run name, kind, (train store, val store), TrainConfig)`` of ``plan`` into
+    ``work/<run name>``, skipping heads trained before; the seconds each took."""
+    from hierclass.engine import train_head
+    from hierclass.run import Run
+    from hierclass.taxonomy import Taxonomy
+
+    seconds: dict[str, float] = {}
     for run_name, kind, (tr, va), config in plan:
         run = Run(work / run_name)
         if (run.head_dir(kind) / "meta.json").is_file():
             continue
-        from hierclass.taxonomy import Taxonomy
-
         tax = Taxonomy.from_csv(tr.meta["taxonomy_source"])
         run.adopt_taxonomy(tax)
         t0 = time.perf_counter()
