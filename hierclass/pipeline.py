@@ -129,12 +129,18 @@ def run_pipeline(
             log(f"[train {kind}] reusing {run / kind} (delete it to retrain)")
             timings[f"train {kind}"] = 0.0
             continue
-        stage(
+        train_config = config.train_config(kind)
+        metrics = stage(
             f"train {kind}",
-            lambda kind=kind: train_head(
-                kind, stores["train"], stores["val"], tax, config.train_config(kind), run / kind, echo=log
+            lambda kind=kind, c=train_config: train_head(
+                kind, stores["train"], stores["val"], tax, c, run / kind, echo=log
             ),
         )
+        Run(run).record_head(  # as the train-* commands do
+            kind,
+            {"train": str(stores["train"].root), "val": str(stores["val"].root), "config": train_config.to_dict(),
+             "metrics": metrics},
+        )  # fmt: skip
 
     def score() -> dict[str, Any]:
         models: dict[str, Any] = {

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,11 @@ def test_pipeline_end_to_end_and_resume(tmp_path: Path, catalogue) -> None:
     assert "- temperatures and fusion weight: the " in result.report_md.read_text()
     assert (tmp_path / "w" / "report" / "report.json").is_file() and result.report_md.is_file()
     assert len(summary_rows(report)) == 5
+    # the run folder's manifest records each head, as the train-* commands write it
+    heads = json.loads((tmp_path / "w" / "run" / "run.json").read_text())["heads"]
+    assert sorted(heads) == ["experts", "flat", "router"]
+    assert heads["flat"]["config"]["epochs"] == 2 and heads["flat"]["train"].endswith("train")
+    assert heads["router"]["metrics"]["n_train"] > 0
     # a second run reuses the features and the trained heads
     again = run_pipeline(catalogue.train, catalogue.val, catalogue.taxonomy, tmp_path / "w", config, log=logs.append)
     assert again.timings["train flat"] == 0.0 and any("reusing" in line for line in logs)

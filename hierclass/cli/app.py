@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, TypeVar
 
 import typer
 
 from hierclass import __version__
+from hierclass.environment import environment_variable
 from hierclass.errors import HierclassError
 
 # Command modules import torch, timm and the readers inside their commands, so that ``--help``
@@ -83,15 +83,8 @@ def progress_bars(enabled: bool) -> Iterator[None]:
     if enabled:
         yield
         return
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it each time a bar is made
-    try:
+    with environment_variable("TQDM_DISABLE", "1"):  # tqdm reads it each time a bar is made
         yield
-    finally:
-        if before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = before
 
 
 def command(target: typer.Typer = app, **kwargs: Any) -> Callable[[F], F]:

