@@ -108,9 +108,10 @@ def main() -> None:
             shape = checked_split(model, cut, size)[2]
             meta = {**base, "top_stages": cut, "map_shape": list(shape), "num_features": int(model.num_features)}
             store = _store(Path(tmp) / f"cut{cut}", int(np.prod(shape)), leaf, meta, rng)
-            rounds = [(train_rate("flat", store, taxonomy, 128), train_rate("experts", store, taxonomy, 128))]
-            while len(rounds) < args.rounds:  # in turn, so that both see the same machine
-                rounds.append((train_rate("flat", store, taxonomy, 128), train_rate("experts", store, taxonomy, 128)))
+            rounds = [  # in turn, so that both see the same machine
+                (train_rate("flat", store, taxonomy, 128), train_rate("experts", store, taxonomy, 128))
+                for _ in range(max(1, args.rounds))
+            ]
             ratios = [e["seconds"] / f["seconds"] * f["images"] / e["images"] for f, e in rounds]
             flat, experts = rounds[int(np.argsort(ratios)[len(ratios) // 2])]  # the round of the median ratio
             results[f"cut{cut}"] = {

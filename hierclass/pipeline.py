@@ -122,7 +122,8 @@ def run_pipeline(
             ),
         )
     run = work / "run"
-    Run(run).adopt_taxonomy(tax)
+    run_folder = Run(run)
+    run_folder.adopt_taxonomy(tax)
     for kind in KINDS:
         if (run / kind / "meta.json").is_file():
             check_reusable(run / kind, config.train_config(kind))
@@ -136,7 +137,7 @@ def run_pipeline(
                 kind, stores["train"], stores["val"], tax, c, run / kind, echo=log
             ),
         )
-        Run(run).record_head(  # as the train-* commands do
+        run_folder.record_head(  # as the train-* commands do
             kind,
             {"train": str(stores["train"].root), "val": str(stores["val"].root), "config": train_config.to_dict(),
              "metrics": metrics},

@@ -8,8 +8,9 @@ the work is per document, not per byte. The file is read through one read-only m
 copy of the bytes at all, in windows of 32 MiB: before the compiled loop scans a window, the
 window behind is unmapped and this one mapped in (its page-table entries) when its pages are in
 the page cache, so the process never maps more than a few windows of a 58 GB dump. On a cold
-file the scan's own faults read the disk, with the kernel's sequential read-ahead. Either
-way the pass runs at or above the speed of a plain sequential read of the file
+file the scan's own faults read the disk, with the kernel's sequential read-ahead. From a
+warm page cache the pass runs at 0.65-2.3x the speed of a plain sequential read of the file,
+the slowest on small (2.4 KB) documents; from the disk, at the disk's pace
 (``benchmarks/bench_data.py``, figures in ``benchmarks/README.md``). The loop is compiled with
 numba (cached on disk after the first use); a Python loop managed ~0.5 GB/s.
 
@@ -196,7 +197,7 @@ class BsonIndex:
 # Before the loop scans a window of the map, the window behind is unmapped and this one mapped in
 # when its pages are in the page cache (:class:`_FileMap`). Doing that in a helper thread while the
 # previous window was scanned saved 7% of `hierclass index` on a warm 1 GB dump and nothing on a
-# cold one (``benchmarks/bench_intricate.py``): not worth a thread.
+# cold one (``benchmarks/README.md``, "End to end"): not worth a thread.
 _ROWS = 1 << 16  # products per call of the compiled loop, at most
 _WINDOW = 32 << 20  # the scan's step, and the bytes mapped in at a time
 _FIRST_WINDOW = 1 << 20  # the first step, short: mapped in by the scan's own faults

@@ -307,12 +307,10 @@ class EvalTransform:
     def _geometric(self) -> bool:
         return self.crop_mode in ("center", "squash") and self.crop_pct <= 1.0
 
-    def batch(self, images: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    def batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """Resize and centre-crop decoded images (uint8 ``[3, H, W]`` each) into one uint8 batch
-        ``[B, 3, *size]``, stored channels last (what the backbones take; no transposing copy), in
-        ``out`` if given."""
-        if out is None:
-            out = torch.empty((len(images), *self.size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+        ``[B, 3, *size]``, stored channels last (what the backbones take; no transposing copy)."""
+        out = torch.empty((len(images), *self.size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
         if not (self._geometric and self.interpolation in _TORCH_FILTERS):
             for k, image in enumerate(images):
                 out[k] = self._one_by_pillow(image)
