@@ -97,7 +97,7 @@ def run_hierclass(train: Any, test: Any, tax: Any, work: Path) -> dict[str, Any]
     seconds, choices = {}, {}
     for kind in ("flat", "router", "experts"):
         m = train_head(kind, train, None, tax, TrainConfig(progress=False), work / kind, overwrite=True)
-        seconds[kind] = m["seconds"]
+        seconds[kind] = m["fit_seconds"]  # as the peers' fit(): training and its choices, not the scoring after
         choices[kind] = {k: m[k] for k in ("solver", "c", "best_epoch") if k in m}
     out: dict[str, Any] = {"fit_s": seconds, "choices": choices}
     for name, clf in (

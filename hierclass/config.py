@@ -48,10 +48,16 @@ class TrainConfig:
     )
     c_grid: tuple[float, ...] = _opt(
         (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0),
-        "C values tried, strong to weak, until one scores worse on the holdout.",
+        "C values the path may try (see --c-start); the holdout picks one.",
     )
-    max_iter: int = _opt(100, "L-BFGS iterations per C (each C starts from the previous one's solution).")
-    tol: float = _opt(1e-4, "L-BFGS stops when the objective improves by less than this times its value.")
+    c_start: float = _opt(
+        0.003, "C the path starts at; it moves to weaker C while the holdout improves, else to stronger C."
+    )
+    max_iter: int = _opt(100, "L-BFGS iterations per C (each C starts from its neighbour's solution).")
+    tol: float = _opt(
+        2e-4, "L-BFGS stops when its last 3 iterations improved the objective by less than 3 x this x its value."
+    )
+    bf16: bool = _opt(True, "L-BFGS on CPUs with bfloat16 units: their matmuls in bfloat16, float32 accuracy kept.")
     lbfgs_memory_mb: int = _opt(4096, "solver auto uses L-BFGS when the float32 training features fit in this.")
     # AdamW (MLP heads, and linear heads too large for L-BFGS).
     epochs: int | None = _opt(None, "AdamW passes over the training images; default: enough for --min-steps (10-300).")
@@ -111,6 +117,7 @@ class TrainConfig:
             ("holdout", 0 < self.holdout < 1, "in (0, 1)"),
             ("c", self.c is None or self.c > 0, "None or > 0"),
             ("c_grid", len(self.c_grid) > 0 and all(c > 0 for c in self.c_grid), "positive values"),
+            ("c_start", self.c_start > 0, "> 0"),
             ("max_iter", self.max_iter >= 1, ">= 1"),
             ("tol", self.tol >= 0, ">= 0"),
             ("lbfgs_memory_mb", self.lbfgs_memory_mb >= 0, ">= 0"),

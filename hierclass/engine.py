@@ -38,7 +38,6 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,6 +56,15 @@ from hierclass.data.training import ImageRows, ImageSplit, shard
 from hierclass.distributed import Dist
 from hierclass.errors import CheckpointError, ConfigError, HierclassError
 from hierclass.featurestore import FeatureStore, FeatureStoreError
+from hierclass.logistic import (
+    BF16_MIN_CLASSES,
+    BF16_MIN_MACS,
+    PathResult,
+    Preconditioner,
+    Problem,
+    bf16_matmul_available,
+    fit_path,
+)
 from hierclass.models.heads import ExpertHeads, FlatHead, RouterHead
 from hierclass.taxonomy import Taxonomy
 
@@ -427,46 +435,65 @@ class _Log:
             self.echo(line)
 
 
-@contextmanager
-def _prestandardised(model: nn.Module) -> Iterator[None]:
-    """Let the model take already standardised features (its statistics kept, not applied)."""
-    model.norm.bypass = True
-    try:
-        yield
-    finally:
-        model.norm.bypass = False
+def _lbfgs_problems(
+    task: Task, x: Tensor, t: Tensor, hold: tuple[Tensor, Tensor] | None, weights: Tensor | None
+) -> list[tuple[int | None, Problem]]:
+    """The independent softmax regressions of a linear head, each with its holdout rows.
 
-
-def _minimize(objective: Callable[[], Tensor], params: list[Tensor], config: TrainConfig) -> tuple[float, int]:
-    """Minimise ``objective`` over ``params`` in place with scipy's L-BFGS-B (as scikit-learn does).
-
-    torch computes the objective and its gradient (float32, multi-threaded); scipy's Fortran
-    L-BFGS-B does the rest on one float64 vector, so its many small vector operations cost
-    microseconds. It stops when the objective improves by less than ``config.tol`` of its value.
-
-    Returns:
-        ``(final objective, iterations)``.
+    Router and flat: one, over all classes. Experts: one per branch (``None`` for the others),
+    on its own images over its leaves; with ``--expert-other``, on every image over its leaves
+    plus "other". ``x`` and ``t`` are sorted by class, so a branch's images are one slice of them.
     """
-    from scipy.optimize import minimize
 
-    def set_params(theta: np.ndarray) -> None:
-        with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(torch.from_numpy(theta.astype(np.float32)).to(params[0].device), params)
+    def problem(name: str, rows: Any, target: Tensor, k: int, hold_rows: Any, hold_target: Any) -> Problem:
+        return Problem(
+            name,
+            x[rows],
+            target,
+            k,
+            weight=weights[t[rows]] if weights is not None else None,
+            hold_x=hold[0][hold_rows] if hold is not None else None,
+            hold_target=hold_target,
+        )
 
-    def fun(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        set_params(theta)
-        for p in params:
-            p.grad = None
-        value = objective()
-        value.backward()
-        grad = torch.cat([p.grad.reshape(-1) for p in params]).detach().cpu().double().numpy()
-        return float(value.detach()), grad
+    if task.kind != "experts":
+        everything = slice(None)
+        return [(None, problem(task.kind, everything, t, task.n_classes, everything, hold[1] if hold else None))]
+    tax = task.taxonomy
+    leaf_branch, leaf_local = task._index("leaf_level1", t.device), task._index("leaf_local", t.device)
+    branch_of, hold_branch = leaf_branch[t], leaf_branch[hold[1]] if hold is not None else None
+    out: list[tuple[int | None, Problem]] = []
+    for b in range(tax.n_level1) if task.branch is None else [task.branch]:
+        size, name = int(tax.branch_sizes[b]), tax.level1_names[b]
+        if task.other:
+            target = torch.where(branch_of == b, leaf_local[t], size)
+            hold_target = None if hold is None else torch.where(hold_branch == b, leaf_local[hold[1]], size)
+            out.append((b, problem(name, slice(None), target, size + 1, slice(None), hold_target)))
+            continue
+        rows = torch.nonzero(branch_of == b).flatten()
+        if size < 2 or len(rows) == 0:
+            continue
+        span = slice(int(rows[0]), int(rows[-1]) + 1)  # sorted by class: one contiguous slice
+        hold_rows = torch.nonzero(hold_branch == b).flatten() if hold is not None else None
+        hold_target = leaf_local[hold[1][hold_rows]] if hold is not None else None
+        out.append((b, problem(name, span, leaf_local[t[span]], size, hold_rows, hold_target)))
+    return out
 
-    start = torch.nn.utils.parameters_to_vector(params).detach().cpu().double().numpy()
-    options = {"maxiter": config.max_iter, "ftol": config.tol, "gtol": 1e-8, "maxcor": 20}
-    result = minimize(fun, start, jac=True, method="L-BFGS-B", options=options)
-    set_params(result.x)  # scipy's last evaluation need not be at its solution
-    return float(result.fun), int(result.nit)
+
+@torch.no_grad()
+def _set_linear(model: nn.Module, branch: int | None, weight: Tensor, bias: Tensor) -> None:
+    """Write one problem's solution into the head: the whole linear layer, or one expert's rows (and other)."""
+    if branch is None:
+        linear = model.net[-1]
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+        return
+    start, size = model.branch_start[branch], model.branch_sizes[branch]
+    model.linear.weight[start : start + size] = weight[:size]
+    model.linear.bias[start : start + size] = bias[:size]
+    if model.other:
+        model.other_linear.weight[branch] = weight[size]
+        model.other_linear.bias[branch] = bias[size]
 
 
 def fit_lbfgs(
@@ -478,22 +505,22 @@ def fit_lbfgs(
     weights: Tensor | None,
     log: _Log,
 ) -> dict[str, Any]:
-    """Solve a linear head exactly: full-batch L-BFGS along a path of L2 strengths, each warm-started.
+    """Solve a linear head exactly: each of its softmax regressions along its own path of L2 strengths.
 
-    Each fit minimises ``C * sum(cross-entropy) + 0.5 * |W|^2`` (biases unpenalised), as
-    scikit-learn's LogisticRegression. Values of ``config.c_grid`` are tried from strong to weak;
-    the holdout's accuracy (then loss) picks one per group (each expert apart: their problems
-    are independent), and the path stops at the first value that scores worse than the best so far.
+    Each regression (the head itself, or one expert) minimises its weighted mean cross-entropy
+    plus ``|W|^2 / (2 * C * n)``, biases unpenalised: scikit-learn's LogisticRegression(C). Its
+    holdout picks its C (:func:`hierclass.logistic.fit_path`).
     """
     device = config.device
     x, t = fit.all(device)
     with torch.no_grad():
         x = model.norm(x)  # standardise once, not at every evaluation
-        order = torch.argsort(t, stable=True)  # grouped by class, so by branch: experts skip their regrouping
+        order = torch.argsort(t, stable=True)  # grouped by class, so by branch: each expert's images are a slice
         x, t = x[order], t[order]
-    n = len(t)
-    params = [p for p in model.parameters() if p.requires_grad]
-    penalised = [p for p in params if p.ndim >= 2]
+        held = None
+        if hold is not None:
+            hx, ht = hold.all(device)
+            held = (model.norm(hx), ht)
     if config.c is not None:
         grid = [config.c]
     elif hold is None:
@@ -501,61 +528,47 @@ def fit_lbfgs(
         log.say("no holdout to choose C on: C=1")
     else:
         grid = sorted(config.c_grid)
-    path: list[tuple[float, Scores | None, dict[str, Tensor], int]] = []
-    best: Scores | None = None
-    model.eval()  # a full-batch objective: no dropout
+    fast = config.bf16 and torch.device(device).type == "cpu" and bf16_matmul_available() and config.tol >= 1e-5
+    preconditioner = Preconditioner(x, fast, seed=config.seed)
     with torch.no_grad():
-        for p in params:  # start at 0, as scikit-learn: the strongest L2 strength's optimum is near there
-            p.zero_()
-    for c in grid:
-        t0 = time.perf_counter()
-        lam = 1.0 / (c * n)
+        for p in model.parameters():
+            p.zero_()  # experts left untrained (a single leaf, no images) give every leaf the same score
+    model.eval()
+    chosen: dict[str, PathResult] = {}
+    sizes: dict[str, int] = {}
+    warnings: list[str] = []
+    used_bf16 = False
+    for branch, problem in _lbfgs_problems(task, x, t, held, weights):
+        prefix = "" if branch is None else f"expert {problem.name!r}: "
+        k = problem.n_classes
+        big = k >= BF16_MIN_CLASSES and problem.n * problem.x.shape[1] * k >= BF16_MIN_MACS
+        used_bf16 |= fast and big
 
-        def objective(lam: float = lam) -> Tensor:
-            value = task.loss(model, x, t, config.smoothing, weights[t] if weights is not None else None)
-            return value + 0.5 * lam * sum((p * p).sum() for p in penalised)
+        def say(record: dict[str, Any], line: str, name: str = problem.name, prefix: str = prefix) -> None:
+            log({"solver": "lbfgs", **({"expert": name} if prefix else {}), **record}, prefix + line)
 
-        with _prestandardised(model):
-            final_value, iterations = _minimize(objective, params, config)
-        scores = score(model, task, hold, config) if hold is not None else None
-        seconds = time.perf_counter() - t0
-        path.append((c, scores, {k: v.detach().clone() for k, v in model.state_dict().items()}, iterations))
-        record = {"solver": "lbfgs", "c": c, "iterations": iterations, "objective": final_value, "seconds": seconds}
-        line = f"C={c:g}  objective {final_value:.4f}  {iterations} iterations  {seconds:.1f} s"
-        if scores is not None:
-            record |= {"holdout_acc": scores.acc, "holdout_loss": scores.loss}
-            line += f"  holdout acc {scores.acc:.4f}  loss {scores.loss:.4f}"
-        log(record, line)
-        if scores is not None:
-            if _better(scores, best):
-                best = scores
-            else:
-                break  # the holdout accuracy along C is unimodal up to noise: past the peak
-
-    # Pick C: by overall holdout accuracy; each expert by its own holdout accuracy.
-    overall = max(range(len(path)), key=lambda i: (path[i][1].acc, -path[i][1].loss) if path[i][1] else (0, 0))
-    chosen = np.full(task.n_groups, overall)
-    if task.n_groups > 1 and hold is not None:
-        for g in range(task.n_groups):
-            if path[overall][1].scored[g] > 0:
-                chosen[g] = max(range(len(path)), key=lambda i, g=g: (path[i][1].correct[g], -path[i][1].loss))
-    model.load_state_dict(path[overall][2])
-    if (chosen != overall).any():
-        other = copy.deepcopy(model)
-        for g in np.flatnonzero(chosen != overall):
-            other.load_state_dict(path[chosen[g]][2])
-            model.copy_branch_(other, int(g))
-    info: dict[str, Any] = {"solver": "lbfgs", "c": path[overall][0], "iterations": path[overall][3]}
-    if task.n_groups > 1:
-        names = task.taxonomy.level1_names
-        info["c_per_branch"] = {names[g]: path[chosen[g]][0] for g in range(task.n_groups)}
-    warnings = []
-    if len(grid) > 1 and overall == len(grid) - 1:
-        warnings.append(f"the weakest L2 strength tried (C={grid[-1]:g}) scored best: add larger values to c_grid")
-    if len(path) > 1 and overall == 0:
-        warnings.append(f"the strongest L2 strength tried (C={grid[0]:g}) scored best: add smaller values to c_grid")
-    if path[overall][3] >= config.max_iter:
-        warnings.append(f"L-BFGS stopped at max_iter={config.max_iter} before converging: raise max_iter")
+        result = fit_path(
+            problem, grid, config.c_start, preconditioner, max_iter=config.max_iter, tol=config.tol,
+            smoothing=config.smoothing, fast=fast and big, log=say,
+        )  # fmt: skip
+        _set_linear(model, branch, result.weight, result.bias)
+        chosen[problem.name], sizes[problem.name] = result, problem.n
+        warnings += [prefix + w for w in result.warnings]
+    if not chosen:
+        raise HierclassError(f"no {task.kind} problem has labelled images to learn from")
+    by_c: dict[float, int] = {}
+    for name, r in chosen.items():
+        by_c[r.c] = by_c.get(r.c, 0) + sizes[name]
+    info: dict[str, Any] = {
+        "solver": "lbfgs",
+        "c": max(by_c, key=by_c.__getitem__),  # experts: the C chosen for the most training images
+        "iterations": sum(r.iterations for r in chosen.values()),
+        "evaluations": sum(r.evaluations for r in chosen.values()),
+        "train_loss": sum(r.train_loss * sizes[name] for name, r in chosen.items()) / sum(sizes.values()),
+        "bf16": used_bf16,
+    }
+    if task.kind == "experts":
+        info["c_per_branch"] = {name: r.c for name, r in chosen.items()}
     info["warnings"] = warnings
     return info
 
@@ -1015,7 +1028,8 @@ def train_head(
 
     Returns:
         The final metrics: solver, holdout_acc / holdout_loss (the chosen model on the holdout),
-        val_acc / val_loss (on ``val_store``, when given), train_loss, seconds, n_train, n_holdout,
+        val_acc / val_loss (on ``val_store``, when given), train_loss, fit_seconds (training and its
+        choices) and seconds (with the scoring above), n_train, n_holdout,
         n_val, the solver's choices (c, iterations; or best_epoch, epochs_run, stopped_early) and
         warnings.
 
@@ -1137,6 +1151,7 @@ def train_head(
         log.say(f"warning: {warning}")
 
     final: dict[str, Any] = {"kind": kind, "branch": branch, **info}
+    final["fit_seconds"] = round(time.perf_counter() - started, 3)  # training and its choices, no reporting
     if hold_or_none is not None:
         s = score(model, task, hold, config, dist)
         final |= {"holdout_acc": s.acc, "holdout_loss": s.loss}

@@ -133,6 +133,10 @@ def test_uploads_stay_in_memory(run: tuple[Path, Path, Path], monkeypatch: pytes
     assert len(made) == 1 and made[0].rolled_at_close is False
 
 
+def _without_probability(entries: list[dict]) -> list[dict]:
+    return [{k: v for k, v in e.items() if k != "probability"} for e in entries]
+
+
 def test_concurrent_requests(client: TestClient, run: tuple[Path, Path, Path]) -> None:
     files = sorted(run[2].glob("*.jpg"))[:8]
     alone = {f.name: client.post("/predict", files=upload((f.name, f.read_bytes()))).json() for f in files}
@@ -146,8 +150,12 @@ def test_concurrent_requests(client: TestClient, run: tuple[Path, Path, Path]) -
 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, files * 4))
-    for name, body in answers:
-        assert body["predictions"] == alone[name]["predictions"] and body["level1"] == alone[name]["level1"]
+    for name, body in answers:  # the same answers; a batch's float sums may differ in the last digit
+        for key in ("predictions", "level1"):
+            assert _without_probability(body[key]) == _without_probability(alone[name][key])
+            assert [p["probability"] for p in body[key]] == pytest.approx(
+                [p["probability"] for p in alone[name][key]], abs=2e-6
+            )
     requests, batches = batcher.requests - before[0], batcher.batches - before[1]
     assert requests == 32 and batches < requests  # requests waiting while a batch ran joined the next one
 

@@ -1,0 +1,103 @@
+"""The exact solver of linear heads: preconditioned L-BFGS, the C path, and its bfloat16 matmuls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hierclass.logistic import (
+    BF16_MIN_CLASSES,
+    BF16_MIN_MACS,
+    Preconditioner,
+    Problem,
+    _Objective,
+    bf16_matmul_available,
+    fit_path,
+    minimize,
+)
+
+
+def correlated_problem(n: int, d: int, k: int, seed: int = 0, n_hold: int = 0) -> Problem:
+    """Classes in strongly correlated features (the case that makes plain L-BFGS slow), standardised."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5 + 2.0 * torch.randn(d, 1, generator=g) @ torch.randn(
+        1, d, generator=g
+    )
+    means = torch.randn(k, d, generator=g) * 0.6
+    target = torch.randint(0, k, (n + n_hold,), generator=g)
+    x = (means[target] + torch.randn(n + n_hold, d, generator=g)) @ mix
+    x = (x - x[:n].mean(0)) / x[:n].std(0)
+    hold = {"hold_x": x[n:].contiguous(), "hold_target": target[n:]} if n_hold else {}
+    return Problem("p", x[:n].contiguous(), target[:n], k, **hold)
+
+
+def test_preconditioned_lbfgs_reaches_the_gradient_free_optimum() -> None:
+    problem = correlated_problem(2_000, 48, 6)
+    objective = _Objective(problem, lam=1e-3, smoothing=0.0, fast=False)
+    theta, value, iterations = minimize(
+        objective, torch.zeros(6 * 49), Preconditioner(problem.x, False).for_problem(problem, 1e-3), 500, 1e-12
+    )
+    _, grad = objective(theta)
+    assert grad.abs().max() < 1e-4 and iterations < 500
+    # scipy's L-BFGS-B on the same objective finds the same minimum
+    import numpy as np
+    from scipy.optimize import minimize as scipy_minimize
+
+    def fun(t: np.ndarray) -> tuple[float, np.ndarray]:
+        v, g = objective(torch.from_numpy(t.astype(np.float32)))
+        return v, g.double().numpy()
+
+    ref = scipy_minimize(fun, np.zeros(6 * 49), jac=True, method="L-BFGS-B", options={"maxiter": 5000, "ftol": 1e-14})
+    assert value <= ref.fun + 1e-6
+
+
+def test_path_starts_at_c_start_and_walks_toward_the_better_side() -> None:
+    problem = correlated_problem(1_500, 24, 5, n_hold=600)
+    seen: list[float] = []
+    result = fit_path(
+        problem, [1e-3, 1e-2, 1e-1, 1.0], 0.01, Preconditioner(problem.x, False), max_iter=200, tol=1e-6,
+        log=lambda record, line: seen.append(record["c"]),
+    )  # fmt: skip
+    grid = [1e-3, 1e-2, 1e-1, 1.0]
+    assert seen[:2] == [0.01, 0.1]  # from the value nearest c_start, first toward weaker C
+    scores = {r["c"]: (r["holdout_acc"], -r["holdout_loss"]) for r in result.records}
+    assert scores[result.c] == max(scores.values())
+    if result.c > 0.01:  # the weaker side improved: it walked up to one step past the best (or the grid's end)
+        assert seen == sorted(seen) and seen[-1] == grid[min(grid.index(result.c) + 1, len(grid) - 1)]
+    else:  # it turned to the stronger side: one step past the best there (or the grid's end)
+        assert seen[2:] == [0.001] and result.c in (0.01, 0.001)
+
+
+def test_a_problem_without_holdout_is_fitted_at_the_start_value_and_says_so() -> None:
+    problem = correlated_problem(400, 8, 3)
+    result = fit_path(problem, [0.01, 0.1, 1.0], 0.1, Preconditioner(problem.x, False), max_iter=100, tol=1e-6)
+    assert result.c == 0.1 and len(result.records) == 1
+    assert result.warnings == ["no holdout image to choose C on: C=0.1"]
+
+
+@pytest.mark.skipif(not bf16_matmul_available(), reason="this CPU has no bfloat16 matrix units")
+def test_bf16_objective_matches_float32_and_leaves_matmul_precision_as_it_was() -> None:
+    n, d, k = 6_000, 256, 64
+    assert k >= BF16_MIN_CLASSES and n * d * k >= BF16_MIN_MACS  # the size the engine runs in bfloat16
+    problem = correlated_problem(n, d, k, n_hold=2_000)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    exact, fast = (
+        fit_path(problem, [0.01], 0.01, Preconditioner(problem.x, f), max_iter=100, tol=1e-4, fast=f)
+        for f in (False, True)
+    )
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    # The logits of the split bfloat16 matmul agree with float32 to float32-like accuracy.
+    theta = torch.cat([exact.weight.reshape(-1), exact.bias])
+    ref, _ = _Objective(problem, 1e-3, 0.0, False)(theta)
+    value, _ = _Objective(problem, 1e-3, 0.0, True)(theta)
+    assert abs(value - ref) < 1e-4 * abs(ref)
+    # Both fits reach the same optimum: same objective (in float32), same holdout predictions.
+    lam = 1.0 / (0.01 * n)
+    f32 = _Objective(problem, lam, 0.0, False)
+    v_exact = f32(torch.cat([exact.weight.reshape(-1), exact.bias]))[0]
+    v_fast = f32(torch.cat([fast.weight.reshape(-1), fast.bias]))[0]
+    assert abs(v_fast - v_exact) < 2e-3 * v_exact
+    agree = (problem.hold_x @ exact.weight.T + exact.bias).argmax(1) == (
+        problem.hold_x @ fast.weight.T + fast.bias
+    ).argmax(1)
+    assert agree.float().mean() > 0.98
