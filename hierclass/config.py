@@ -31,7 +31,7 @@ class TrainConfig:
     """How to train a head. The defaults converge on a 2,000-image catalogue and on a 12M-image one.
 
     Linear heads (``hidden=None``) are convex problems: with ``solver="auto"`` they are solved
-    exactly by full-batch L-BFGS whenever their training features fit in ``lbfgs_memory_mb``,
+    exactly by full-batch L-BFGS whenever their training features (and logits) fit in ``lbfgs_memory_mb``,
     with the L2 strength chosen on a holdout carved from the training set. Larger sets and MLP
     heads train with minibatch AdamW, budgeted in optimiser steps. Either way the features are
     standardised with the training set's mean and std, which the head stores and applies at
@@ -58,7 +58,9 @@ class TrainConfig:
         2e-4, "L-BFGS stops when its last 3 iterations improved the objective by less than 3 x this x its value."
     )
     bf16: bool = _opt(True, "L-BFGS on CPUs with bfloat16 units: their matmuls in bfloat16, float32 accuracy kept.")
-    lbfgs_memory_mb: int = _opt(4096, "solver auto uses L-BFGS when the float32 training features fit in this.")
+    lbfgs_memory_mb: int = _opt(
+        4096, "solver auto uses L-BFGS when the float32 training features, and their logits, each fit in this."
+    )
     # AdamW (MLP heads, and linear heads too large for L-BFGS).
     epochs: int | None = _opt(None, "AdamW passes over the training images; default: enough for --min-steps (10-300).")
     min_steps: int = _opt(3000, "Optimiser steps the default epochs aim for on small catalogues.")

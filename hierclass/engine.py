@@ -396,8 +396,12 @@ def _better(a: Scores, b: Scores | None) -> bool:
 
 
 # ---------------------------------------------------------------------------- solvers
-def resolve_solver(config: TrainConfig, n_rows: int, dim: int, tops: bool = False) -> str:
-    """The solver ``config.solver`` means for a training set of ``n_rows`` x ``dim`` features (``tops``: trunk maps)."""
+def resolve_solver(config: TrainConfig, n_rows: int, dim: int, tops: bool = False, n_classes: int = 0) -> str:
+    """The solver ``config.solver`` means for a training set of ``n_rows`` x ``dim`` features (``tops``: trunk maps).
+
+    ``auto`` picks L-BFGS for a linear head when both its float32 features and its largest
+    problem's logits (``n_rows`` x ``n_classes``) fit in ``config.lbfgs_memory_mb``.
+    """
     if config.solver == "lbfgs" and (config.hidden is not None or tops):
         what = "CNN tops" if tops else "hidden"
         raise ConfigError(f"--solver lbfgs solves linear heads only; use --solver adamw (or auto) with {what}")
@@ -405,7 +409,7 @@ def resolve_solver(config: TrainConfig, n_rows: int, dim: int, tops: bool = Fals
         return "adamw"
     if config.solver != "auto":
         return config.solver
-    fits = n_rows * dim * 4 <= config.lbfgs_memory_mb * 2**20
+    fits = n_rows * max(dim, n_classes) * 4 <= config.lbfgs_memory_mb * 2**20
     return "lbfgs" if config.hidden is None and fits else "adamw"
 
 
@@ -530,6 +534,9 @@ def fit_lbfgs(
         grid = sorted(config.c_grid)
     fast = config.bf16 and torch.device(device).type == "cpu" and bf16_matmul_available() and config.tol >= 1e-5
     preconditioner = Preconditioner(x, fast, seed=config.seed)
+    x = preconditioner.rotate(x)  # problems are solved on the features' principal axes
+    if held is not None:
+        held = (preconditioner.rotate(held[0]), held[1])
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()  # experts left untrained (a single leaf, no images) give every leaf the same score
@@ -551,7 +558,7 @@ def fit_lbfgs(
             problem, grid, config.c_start, preconditioner, max_iter=config.max_iter, tol=config.tol,
             smoothing=config.smoothing, fast=fast and big, log=say,
         )  # fmt: skip
-        _set_linear(model, branch, result.weight, result.bias)
+        _set_linear(model, branch, preconditioner.unrotate(result.weight), result.bias)
         chosen[problem.name], sizes[problem.name] = result, problem.n
         warnings += [prefix + w for w in result.warnings]
     if not chosen:
@@ -1118,7 +1125,8 @@ def train_head(
     model.to(device)
     if images and _channels_last(config):
         model.to(memory_format=torch.channels_last)
-    solver = "adamw" if images else resolve_solver(config, len(fit), train_store.dim, tops)
+    widest = task.n_classes if kind != "experts" else int(taxonomy.branch_sizes.max()) + int(task.other)
+    solver = "adamw" if images else resolve_solver(config, len(fit), train_store.dim, tops, widest)
     if dist.active and solver == "lbfgs":
         raise HierclassError("under torchrun heads train with AdamW; pass --solver adamw (L-BFGS runs in one process)")
 

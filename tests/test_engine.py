@@ -398,6 +398,9 @@ def test_auto_budget_scales_with_the_data() -> None:
     assert engine.auto_epochs(TrainConfig(epochs=4, patience=0), 2_000) == (4, 0)
     assert engine.resolve_solver(TrainConfig(), 2_000, 1280) == "lbfgs"
     assert engine.resolve_solver(TrainConfig(), 12_000_000, 1280) == "adamw"
+    # the logits count too: 250k images fit as features, but not as 5,270 logits each
+    assert engine.resolve_solver(TrainConfig(), 250_000, 1280, n_classes=49) == "lbfgs"
+    assert engine.resolve_solver(TrainConfig(), 250_000, 1280, n_classes=5_270) == "adamw"
     assert engine.resolve_solver(TrainConfig(hidden=8), 2_000, 1280) == "adamw"
     with pytest.raises(ValueError, match="linear heads only"):
         engine.resolve_solver(TrainConfig(solver="lbfgs", hidden=8), 2_000, 1280)
