@@ -54,6 +54,8 @@ BF16_MIN_MACS = 2**26
 # L-BFGS stops when its last STALL_WINDOW iterations together improved the objective by less than
 # STALL_WINDOW * tol of its value: one slow iteration alone (they happen) does not stop it.
 STALL_WINDOW = 3
+# The C path's fits stop at this times tol: enough to rank C on the holdout; the kept fit then goes on to tol.
+SCOUT_TOL_FACTOR = 3.0
 
 
 @dataclass
@@ -323,7 +325,8 @@ def fit_path(
     The path begins at the grid value nearest ``start``, fitted from zero. It then moves to
     weaker L2 strengths (larger C) while the holdout improves (accuracy, then loss); if the first
     such step does not improve, it moves to stronger ones instead. Every fit starts from its
-    neighbour's solution. A problem without holdout images is fitted at that first value only.
+    neighbour's solution. These scouting fits stop at ``SCOUT_TOL_FACTOR * tol``; the kept one
+    then continues to ``tol``. A problem without holdout images is fitted at that first value only.
     """
     grid = sorted(grid)
     warnings = []
@@ -333,9 +336,10 @@ def fit_path(
     k, d = problem.n_classes, problem.x.shape[1]
     solutions: dict[int, tuple[Tensor, tuple[float, float] | None, int, float]] = {}
     records: list[dict[str, Any]] = []
+    refined: set[int] = set()
     evaluations = 0
 
-    def fit(i: int, theta: Tensor) -> tuple[float, float] | None:
+    def fit(i: int, theta: Tensor, tol: float = tol * SCOUT_TOL_FACTOR) -> tuple[float, float] | None:
         nonlocal evaluations
         t0 = time.perf_counter()
         lam = 1.0 / (grid[i] * max(problem.n, 1))
@@ -349,6 +353,9 @@ def fit_path(
         seconds = time.perf_counter() - t0
         record = {"c": grid[i], "objective": value, "iterations": iterations, "evaluations": objective.evaluations}
         line = f"C={grid[i]:g}  objective {value:.4f}  {iterations} iterations  {seconds:.2f} s"
+        if i in refined:
+            record["refined"] = True
+            line = f"C={grid[i]:g} refined  objective {value:.4f}  {iterations} iterations  {seconds:.2f} s"
         if scores is not None:
             record |= {"holdout_acc": scores[0], "holdout_loss": scores[1]}
             line += f"  holdout acc {scores[0]:.4f}  loss {scores[1]:.4f}"
@@ -374,6 +381,8 @@ def fit_path(
         if chosen != first:  # the weaker side improved: the stronger side is past the peak
             break
 
+    refined.add(chosen)
+    fit(chosen, solutions[chosen][0], tol)  # the kept fit, to the full tolerance
     theta, _, iterations, train_loss = solutions[chosen]
     weight, bias = theta[: k * d].view(k, d).clone(), theta[k * d :].clone()
     if len(grid) > 1 and chosen == len(grid) - 1:

@@ -65,7 +65,8 @@ def test_linear_heads_default_to_lbfgs_with_one_line_per_c(setup: dict[str, str]
     assert result.exit_code == 0, result.output
     assert "L-BFGS, C=" in result.stdout
     per_c = [line for line in result.stderr.splitlines() if line.startswith("flat: C=")]
-    assert len(per_c) == 2 and all("holdout acc" in line and "iterations" in line for line in per_c)
+    assert len(per_c) == 3 and all("holdout acc" in line and "iterations" in line for line in per_c)
+    assert sum("refined" in line for line in per_c) == 1  # two scouted, the kept one refined
 
 
 def test_retraining_a_head_needs_overwrite(setup: dict[str, str]) -> None:

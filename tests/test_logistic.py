@@ -70,14 +70,16 @@ def test_preconditioned_lbfgs_reaches_the_gradient_free_optimum() -> None:
 def test_path_starts_at_c_start_and_walks_toward_the_better_side() -> None:
     problem, pre = on_principal_axes(correlated_problem(1_500, 24, 5, n_hold=600))
     seen: list[float] = []
+    refined: list[float] = []
     result = fit_path(
         problem, [1e-3, 1e-2, 1e-1, 1.0], 0.01, pre, max_iter=200, tol=1e-6,
-        log=lambda record, line: seen.append(record["c"]),
+        log=lambda record, line: seen.append(record["c"]) if "refined" not in record else refined.append(record["c"]),
     )  # fmt: skip
     grid = [1e-3, 1e-2, 1e-1, 1.0]
     assert seen[:2] == [0.01, 0.1]  # from the value nearest c_start, first toward weaker C
-    scores = {r["c"]: (r["holdout_acc"], -r["holdout_loss"]) for r in result.records}
+    scores = {r["c"]: (r["holdout_acc"], -r["holdout_loss"]) for r in result.records if "refined" not in r}
     assert scores[result.c] == max(scores.values())
+    assert refined == [result.c]  # the kept fit, and it alone, is taken on to the full tolerance
     if result.c > 0.01:  # the weaker side improved: it walked up to one step past the best (or the grid's end)
         assert seen == sorted(seen) and seen[-1] == grid[min(grid.index(result.c) + 1, len(grid) - 1)]
     else:  # it turned to the stronger side: one step past the best there (or the grid's end)
@@ -87,7 +89,7 @@ def test_path_starts_at_c_start_and_walks_toward_the_better_side() -> None:
 def test_a_problem_without_holdout_is_fitted_at_the_start_value_and_says_so() -> None:
     problem, pre = on_principal_axes(correlated_problem(400, 8, 3))
     result = fit_path(problem, [0.01, 0.1, 1.0], 0.1, pre, max_iter=100, tol=1e-6)
-    assert result.c == 0.1 and len(result.records) == 1
+    assert result.c == 0.1 and [r["c"] for r in result.records] == [0.1, 0.1]  # scouted, then refined
     assert result.warnings == ["no holdout image to choose C on: C=0.1"]
 
 
