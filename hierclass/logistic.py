@@ -27,15 +27,24 @@ Three things make a fit cheap:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from hierclass.atomic import atomic_open
+
+if TYPE_CHECKING:
+    from hierclass.featurestore import FeatureStore
 
 __all__ = [
     "BF16_MIN_CLASSES",
@@ -54,6 +63,7 @@ BF16_MIN_MACS = 2**26
 # L-BFGS stops when its last STALL_WINDOW iterations together improved the objective by less than
 # STALL_WINDOW * tol of its value: one slow iteration alone (they happen) does not stop it.
 STALL_WINDOW = 3
+AXES_FILE = "principal_axes.npz"  # a feature store's principal axes, shared by the heads trained on it
 # The C path's fits stop at this times tol: enough to rank C on the holdout; the kept fit then goes on to tol.
 SCOUT_TOL_FACTOR = 3.0
 
@@ -181,7 +191,7 @@ class _Objective:
 class Preconditioner:
     """The features' principal axes, in which ``(a * Sigma + lam * I)^-1`` is a diagonal preconditioner.
 
-    ``Sigma`` is the covariance of the standardised features (from at most 10,000 rows). Problems
+    ``Sigma`` is the covariance of the standardised features (a sample of them). Problems
     are solved on the features rotated onto its eigenvectors (:meth:`rotate`: one matmul per
     head); the rotation keeps ``|W|^2``, so the objective is unchanged, and the preconditioner,
     approximately Newton's step along the correlated directions that make plain L-BFGS slow,
@@ -190,17 +200,39 @@ class Preconditioner:
     :meth:`unrotate` brings the solved weights back to the features' own axes.
     """
 
-    def __init__(self, x: Tensor, fast: bool, max_rows: int = 10_000, seed: int = 0):
-        rows = x
-        if len(x) > max_rows:
-            pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_rows]
-            rows = x[pick.to(x.device)]
-        with _bf16_matmul(fast):
-            cov = (rows.T @ rows) / max(len(rows), 1)
-        eigenvalues, vectors = torch.linalg.eigh(cov)
+    def __init__(self, eigenvalues: Tensor, vectors: Tensor, fast: bool):
         self.eigenvalues = eigenvalues.clamp_min(0)
         self.vectors = vectors.contiguous()
         self.fast = fast
+
+    @classmethod
+    def from_features(cls, x: Tensor, fast: bool) -> Preconditioner:
+        """From standardised features ``[n, d]`` (all of them: pass a sample of a large set)."""
+        eigenvalues, vectors = torch.linalg.eigh((x.T @ x) / max(len(x), 1))
+        return cls(eigenvalues, vectors, fast)
+
+    @classmethod
+    def from_store(cls, store: FeatureStore, fast: bool, max_rows: int = 10_000) -> Preconditioner:
+        """From at most ``max_rows`` of a store's valid images (a fixed sample), standardised.
+
+        Every head trained on the store shares these axes, so they are kept beside its features
+        (``principal_axes.npz``, with a hash of the sample that finds it stale) and computed once.
+        A store that cannot be written to gets them computed each time.
+        """
+        rows = np.flatnonzero(store.valid)
+        if len(rows) > max_rows:
+            rows = np.sort(np.random.default_rng(0).choice(rows, size=max_rows, replace=False))
+        sample = np.asarray(store.features()[rows], dtype=np.float32)
+        key = hashlib.blake2b(sample.tobytes(), digest_size=16).hexdigest()
+        path = Path(store.root) / AXES_FILE
+        with contextlib.suppress(OSError, KeyError, ValueError), np.load(path) as cached:
+            if str(cached["key"]) == key:
+                return cls(torch.from_numpy(cached["eigenvalues"]), torch.from_numpy(cached["vectors"]), fast)
+        x = torch.from_numpy(sample)
+        done = cls.from_features((x - x.mean(0)) / x.std(0).clamp_min(1e-6), fast)
+        with contextlib.suppress(OSError), atomic_open(path, "wb") as f:
+            np.savez(f, key=key, eigenvalues=done.eigenvalues.numpy(), vectors=done.vectors.numpy())
+        return done
 
     @torch.no_grad()
     def rotate(self, x: Tensor, chunk: int = 65_536) -> Tensor:

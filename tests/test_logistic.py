@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,7 +38,7 @@ def correlated_problem(n: int, d: int, k: int, seed: int = 0, n_hold: int = 0) -
 
 def on_principal_axes(problem: Problem, fast: bool = False) -> tuple[Problem, Preconditioner]:
     """The problem as the engine solves it: features rotated onto their covariance's eigenvectors."""
-    pre = Preconditioner(problem.x, fast)
+    pre = Preconditioner.from_features(problem.x, fast)
     hold = problem.hold_x if problem.hold_x is None else pre.rotate(problem.hold_x.clone())
     return dataclasses.replace(problem, x=pre.rotate(problem.x.clone()), hold_x=hold), pre
 
@@ -124,3 +127,26 @@ def test_a_problem_with_one_class_present_is_solved() -> None:
     problem, pre = on_principal_axes(problem)
     result = fit_path(problem, [0.1], 0.1, pre, max_iter=100, tol=1e-6)
     assert torch.isfinite(result.weight).all() and int(result.bias.argmax()) == 0
+
+
+def test_principal_axes_are_kept_beside_the_store_and_recomputed_when_it_changes(tmp_path: Path) -> None:
+    from test_engine import ROWS, noisy_store
+
+    from hierclass.logistic import AXES_FILE
+    from hierclass.taxonomy import Taxonomy
+
+    tax = Taxonomy.from_rows(ROWS)
+    store = noisy_store(tmp_path / "s", tax, 300, 1)
+    first = Preconditioner.from_store(store, fast=False)
+    assert (tmp_path / "s" / AXES_FILE).is_file()
+    again = Preconditioner.from_store(store, fast=False)
+    assert torch.equal(first.vectors, again.vectors) and torch.equal(first.eigenvalues, again.eigenvalues)
+    # eigenvectors of the sample's correlation: V diag(s) V^T rebuilds it
+    x = torch.from_numpy(np.asarray(store.features(), dtype=np.float32))
+    x = (x - x.mean(0)) / x.std(0)
+    rebuilt = first.vectors @ torch.diag(first.eigenvalues) @ first.vectors.T
+    torch.testing.assert_close(rebuilt, x.T @ x / len(x), atol=1e-4, rtol=1e-4)
+    # other features in the same folder: the stale axes are not used
+    other = noisy_store(tmp_path / "s2", tax, 300, 2)
+    shutil.copy(tmp_path / "s" / AXES_FILE, tmp_path / "s2" / AXES_FILE)
+    assert not torch.equal(Preconditioner.from_store(other, fast=False).vectors, first.vectors)
