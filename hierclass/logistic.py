@@ -355,7 +355,7 @@ def fit_path(
     """Fit ``problem`` at the C values of ``grid`` its holdout asks for, and keep the best.
 
     The path begins at the grid value nearest ``start``, fitted from zero. It then moves to
-    weaker L2 strengths (larger C) while the holdout improves (accuracy, then loss); if the first
+    weaker L2 strengths (larger C) while the holdout's cross-entropy improves; if the first
     such step does not improve, it moves to stronger ones instead. Every fit starts from its
     neighbour's solution. These scouting fits stop at ``SCOUT_TOL_FACTOR * tol``; the kept one
     then continues to ``tol``. A problem without holdout images is fitted at that first value only.
@@ -397,7 +397,9 @@ def fit_path(
         return scores
 
     def better(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool:
-        return a is not None and b is not None and (a[0], -a[1]) > (b[0], -b[1])
+        # The holdout's cross-entropy, not its accuracy: on a few hundred images, accuracies of
+        # neighbouring C tie or differ by one or two images, and the choice would follow that noise.
+        return a is not None and b is not None and a[1] < b[1]
 
     first = path_order(grid, start)
     best = fit(first, torch.zeros(k * d + k, device=problem.x.device))

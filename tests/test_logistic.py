@@ -80,8 +80,8 @@ def test_path_starts_at_c_start_and_walks_toward_the_better_side() -> None:
     )  # fmt: skip
     grid = [1e-3, 1e-2, 1e-1, 1.0]
     assert seen[:2] == [0.01, 0.1]  # from the value nearest c_start, first toward weaker C
-    scores = {r["c"]: (r["holdout_acc"], -r["holdout_loss"]) for r in result.records if "refined" not in r}
-    assert scores[result.c] == max(scores.values())
+    losses = {r["c"]: r["holdout_loss"] for r in result.records if "refined" not in r}
+    assert losses[result.c] == min(losses.values())  # the holdout's cross-entropy picks C
     assert refined == [result.c]  # the kept fit, and it alone, is taken on to the full tolerance
     if result.c > 0.01:  # the weaker side improved: it walked up to one step past the best (or the grid's end)
         assert seen == sorted(seen) and seen[-1] == grid[min(grid.index(result.c) + 1, len(grid) - 1)]
