@@ -518,13 +518,13 @@ def fit_lbfgs(
     device = config.device
     x, t = fit.all(device)
     with torch.no_grad():
-        x = model.norm(x)  # standardise once, not at every evaluation
+        x.sub_(model.norm.mean).div_(model.norm.std)  # standardised once, in place: no second copy
         order = torch.argsort(t, stable=True)  # grouped by class, so by branch: each expert's images are a slice
         x, t = x[order], t[order]
         held = None
         if hold is not None:
             hx, ht = hold.all(device)
-            held = (model.norm(hx), ht)
+            held = (hx.sub_(model.norm.mean).div_(model.norm.std), ht)
     if config.c is not None:
         grid = [config.c]
     elif hold is None:
