@@ -533,7 +533,7 @@ def fit_lbfgs(
     else:
         grid = sorted(config.c_grid)
     fast = config.bf16 and torch.device(device).type == "cpu" and bf16_matmul_available() and config.tol >= 1e-5
-    preconditioner = Preconditioner.from_store(fit.store, fast)
+    preconditioner = Preconditioner.from_store(fit.store, fast).to(x.device)
     x = preconditioner.rotate(x)  # problems are solved on the features' principal axes
     if held is not None:
         held = (preconditioner.rotate(held[0]), held[1])

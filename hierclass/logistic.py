@@ -234,6 +234,10 @@ class Preconditioner:
             np.savez(f, key=key, eigenvalues=done.eigenvalues.numpy(), vectors=done.vectors.numpy())
         return done
 
+    def to(self, device: str | torch.device) -> Preconditioner:
+        """The same axes on ``device`` (where the features are)."""
+        return Preconditioner(self.eigenvalues.to(device), self.vectors.to(device), self.fast)
+
     @torch.no_grad()
     def rotate(self, x: Tensor, chunk: int = 65_536) -> Tensor:
         """Features ``[n, d]`` put on the principal axes, in place, a chunk of rows at a time (``|x|`` is kept).
@@ -255,7 +259,8 @@ class Preconditioner:
         prior = torch.bincount(problem.target, minlength=problem.n_classes).float() / max(problem.n, 1)
         a = max(float((prior * (1 - prior)).mean()), 1.0 / max(problem.n, 1))  # > 0 with one class present
         k = problem.n_classes
-        scale = torch.cat([(1.0 / (a * self.eigenvalues + lam)).repeat(k), torch.full((k,), 1.0 / a)])
+        per_feature = (1.0 / (a * self.eigenvalues + lam)).repeat(k)
+        scale = torch.cat([per_feature, torch.full((k,), 1.0 / a, device=per_feature.device)])
         return lambda v: v * scale
 
 
