@@ -56,15 +56,7 @@ from hierclass.data.training import ImageRows, ImageSplit, shard
 from hierclass.distributed import Dist
 from hierclass.errors import CheckpointError, ConfigError, HierclassError
 from hierclass.featurestore import FeatureStore, FeatureStoreError
-from hierclass.logistic import (
-    BF16_MIN_CLASSES,
-    BF16_MIN_MACS,
-    PathResult,
-    Preconditioner,
-    Problem,
-    bf16_matmul_available,
-    fit_path,
-)
+from hierclass.logistic import PathResult, Preconditioner, Problem, fit_path, use_bf16
 from hierclass.models.heads import ExpertHeads, FlatHead, RouterHead
 from hierclass.taxonomy import Taxonomy
 
@@ -492,12 +484,11 @@ def _set_linear(model: nn.Module, branch: int | None, weight: Tensor, bias: Tens
         linear.weight.copy_(weight)
         linear.bias.copy_(bias)
         return
-    start, size = model.branch_start[branch], model.branch_sizes[branch]
-    model.linear.weight[start : start + size] = weight[:size]
-    model.linear.bias[start : start + size] = bias[:size]
-    if model.other:
-        model.other_linear.weight[branch] = weight[size]
-        model.other_linear.bias[branch] = bias[size]
+    size = model.branch_sizes[branch]  # the problem's classes: the branch's leaves, then its other class
+    solved = {"linear.weight": weight[:size], "linear.bias": bias[:size]}
+    solved |= {"other_linear.weight": weight[size], "other_linear.bias": bias[size]} if model.other else {}
+    for name, (param, index) in model.branch_parameters(branch).items():
+        param[index] = solved[name]
 
 
 def fit_lbfgs(
@@ -532,8 +523,8 @@ def fit_lbfgs(
         log.say("no holdout to choose C on: C=1")
     else:
         grid = sorted(config.c_grid)
-    fast = config.bf16 and torch.device(device).type == "cpu" and bf16_matmul_available() and config.tol >= 1e-5
-    preconditioner = Preconditioner.from_store(fit.store, fast).to(x.device)
+    bf16 = use_bf16(config.bf16, device, config.tol)
+    preconditioner = Preconditioner.from_store(fit.store, bf16).to(x.device)
     x = preconditioner.rotate(x)  # problems are solved on the features' principal axes
     if held is not None:
         held = (preconditioner.rotate(held[0]), held[1])
@@ -544,19 +535,15 @@ def fit_lbfgs(
     chosen: dict[str, PathResult] = {}
     sizes: dict[str, int] = {}
     warnings: list[str] = []
-    used_bf16 = False
     for branch, problem in _lbfgs_problems(task, x, t, held, weights):
         prefix = "" if branch is None else f"expert {problem.name!r}: "
-        k = problem.n_classes
-        big = k >= BF16_MIN_CLASSES and problem.n * problem.x.shape[1] * k >= BF16_MIN_MACS
-        used_bf16 |= fast and big
 
         def say(record: dict[str, Any], line: str, name: str = problem.name, prefix: str = prefix) -> None:
             log({"solver": "lbfgs", **({"expert": name} if prefix else {}), **record}, prefix + line)
 
         result = fit_path(
             problem, grid, config.c_start, preconditioner, max_iter=config.max_iter, tol=config.tol,
-            smoothing=config.smoothing, fast=fast and big, log=say,
+            smoothing=config.smoothing, bf16=bf16, log=say,
         )  # fmt: skip
         _set_linear(model, branch, preconditioner.unrotate(result.weight), result.bias)
         chosen[problem.name], sizes[problem.name] = result, problem.n
@@ -572,7 +559,7 @@ def fit_lbfgs(
         "iterations": sum(r.iterations for r in chosen.values()),
         "evaluations": sum(r.evaluations for r in chosen.values()),
         "train_loss": sum(r.train_loss * sizes[name] for name, r in chosen.items()) / sum(sizes.values()),
-        "bf16": used_bf16,
+        "bf16": any(r.bf16 for r in chosen.values()),
     }
     if task.kind == "experts":
         info["c_per_branch"] = {name: r.c for name, r in chosen.items()}

@@ -14,15 +14,17 @@ warm-started from its neighbour's solution, and keeps the C its holdout scores b
 Three things make a fit cheap:
 
 * :func:`minimize` is L-BFGS preconditioned by ``(a * Sigma + lam * I)^-1``, ``Sigma`` the
-  covariance of the standardised features (:class:`Preconditioner`, one eigendecomposition per
-  head). Backbone features are strongly correlated; the preconditioner undoes that, and the fits
-  take about half the iterations of unpreconditioned L-BFGS-B (scipy's, which scikit-learn uses).
+  covariance of the standardised features. The problems are solved on the features' principal
+  axes (:class:`Preconditioner`: one eigendecomposition per feature folder, kept there), where
+  that preconditioner is diagonal. Backbone features are strongly correlated; the
+  preconditioner undoes that, and the fits take about half the iterations of unpreconditioned
+  L-BFGS-B (scipy's, which scikit-learn uses).
 * The objective and its gradient are written out (one matmul each way, no autograd graph).
-* On a CPU with bfloat16 matrix units (AMX, AVX512-BF16), problems of 16 classes or more run
-  their matmuls in bfloat16: the logits as the sum of two bfloat16 products (the weights' high
-  and low parts, float32 output), as accurate as float32 on the bfloat16-rounded features; the
-  gradient's product in plain bfloat16 (about 0.4% error per entry, which L-BFGS tolerates at
-  the default ``tol``; below ``tol`` 1e-5 everything stays float32).
+* On a CPU with bfloat16 matrix units (AMX, AVX512-BF16) (:func:`use_bf16`), problems of 16
+  classes or more run their matmuls in bfloat16: the logits from one bfloat16 product against
+  the weights' high and low parts (float32 output), as accurate as float32 on the
+  bfloat16-rounded features; the gradient's product in plain bfloat16 (about 0.4% error per
+  entry, which L-BFGS tolerates at the default ``tol``; below ``tol`` 1e-5 everything stays float32).
 """
 
 from __future__ import annotations
@@ -46,20 +48,13 @@ from hierclass.atomic import atomic_open
 if TYPE_CHECKING:
     from hierclass.featurestore import FeatureStore
 
-__all__ = [
-    "BF16_MIN_CLASSES",
-    "BF16_MIN_MACS",
-    "PathResult",
-    "Preconditioner",
-    "Problem",
-    "bf16_matmul_available",
-    "fit_path",
-]
+__all__ = ["PathResult", "Preconditioner", "Problem", "bf16_matmul_available", "fit_path", "use_bf16"]
 
 # bfloat16 pays where the float32 matmul costs more than converting the features twice: from
 # about 16 classes on, and only on matmuls large enough to amortise the conversions' overhead.
 BF16_MIN_CLASSES = 16
 BF16_MIN_MACS = 2**26
+BF16_MIN_TOL = 1e-5  # below this tolerance the bfloat16 gradient's error would stop L-BFGS early
 # L-BFGS stops when its last STALL_WINDOW iterations together improved the objective by less than
 # STALL_WINDOW * tol of its value: one slow iteration alone (they happen) does not stop it.
 STALL_WINDOW = 3
@@ -95,7 +90,8 @@ class Problem:
 @dataclass
 class PathResult:
     """What :func:`fit_path` chose for one problem: C, its weights ``[K, d]`` and bias ``[K]``, the L-BFGS
-    iterations of that fit and the evaluations of the whole path, the training cross-entropy, and the path."""
+    iterations of that fit and the evaluations of the whole path, the training cross-entropy, whether it
+    ran in bfloat16, and the path."""
 
     c: float
     weight: Tensor
@@ -103,6 +99,7 @@ class PathResult:
     iterations: int
     evaluations: int
     train_loss: float
+    bf16: bool
     records: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -114,6 +111,11 @@ def bf16_matmul_available() -> bool:
         return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
     except AttributeError:  # an older torch without the probes: stay in float32
         return False
+
+
+def use_bf16(wanted: bool, device: str | torch.device, tol: float) -> bool:
+    """Whether L-BFGS may use bfloat16 products: asked for, on a CPU that has the units, ``tol`` not too tight."""
+    return wanted and torch.device(device).type == "cpu" and tol >= BF16_MIN_TOL and bf16_matmul_available()
 
 
 @contextmanager
@@ -140,15 +142,16 @@ def _split(a: Tensor) -> tuple[Tensor, Tensor]:
 class _Objective:
     """The regularised loss of a :class:`Problem` at one L2 strength, and its gradient, on a flat vector.
 
-    The parameters are ``[W.ravel(), b]`` (float32). With ``fast``, the logits come from two
-    bfloat16 matmuls (the weights' high and low parts, float32 output): as accurate as float32 on
-    the bfloat16-rounded features. The gradient's matmul runs in plain bfloat16 (its entries
-    carry about 0.4% relative error), which the line search tolerates down to ``tol`` around 1e-5.
+    The parameters are ``[W.ravel(), b]`` (float32). Given the problem's features in bfloat16
+    (``xb``), the logits come from one bfloat16 product against the weights' high and low parts
+    (float32 output): as accurate as float32 on the bfloat16-rounded features. The gradient's
+    product then runs in plain bfloat16 (its entries carry about 0.4% relative error), which the
+    line search tolerates down to ``tol`` around 1e-5.
     """
 
-    def __init__(self, problem: Problem, lam: float, smoothing: float, fast: bool):
-        self.x, self.k, self.lam, self.smoothing, self.fast = problem.x, problem.n_classes, lam, smoothing, fast
-        self.xb = problem.x.to(torch.bfloat16) if fast else None
+    def __init__(self, problem: Problem, lam: float, smoothing: float, xb: Tensor | None = None):
+        self.x, self.k, self.lam, self.smoothing = problem.x, problem.n_classes, lam, smoothing
+        self.xb, self.fast = xb, xb is not None
         self.d = self.x.shape[1]
         n = problem.n
         w = problem.weight if problem.weight is not None else torch.ones(n, device=self.x.device)
@@ -354,7 +357,7 @@ def fit_path(
     max_iter: int,
     tol: float,
     smoothing: float = 0.0,
-    fast: bool = False,
+    bf16: bool = False,
     log: Callable[[dict[str, Any], str], None] | None = None,
 ) -> PathResult:
     """Fit ``problem`` at the C values of ``grid`` its holdout asks for, and keep the best.
@@ -364,6 +367,7 @@ def fit_path(
     such step does not improve, it moves to stronger ones instead. Every fit starts from its
     neighbour's solution. These scouting fits stop at ``SCOUT_TOL_FACTOR * tol``; the kept one
     then continues to ``tol``. A problem without holdout images is fitted at that first value only.
+    With ``bf16`` (see :func:`use_bf16`), a problem large enough for it runs its products in bfloat16.
     """
     grid = sorted(grid)
     warnings = []
@@ -371,17 +375,21 @@ def fit_path(
         grid = [grid[path_order(grid, start)]]
         warnings.append(f"no holdout image to choose C on: C={grid[0]:g}")
     k, d = problem.n_classes, problem.x.shape[1]
+    fast = bf16 and k >= BF16_MIN_CLASSES and problem.n * d * k >= BF16_MIN_MACS
+    xb = problem.x.to(torch.bfloat16) if fast else None  # once, for every fit of the path
     solutions: dict[int, tuple[Tensor, tuple[float, float] | None, int, float]] = {}
     records: list[dict[str, Any]] = []
-    refined: set[int] = set()
     evaluations = 0
 
-    def fit(i: int, theta: Tensor, tol: float = tol * SCOUT_TOL_FACTOR) -> tuple[float, float] | None:
+    def fit(i: int, theta: Tensor, refine: bool = False) -> tuple[float, float] | None:
         nonlocal evaluations
         t0 = time.perf_counter()
         lam = 1.0 / (grid[i] * max(problem.n, 1))
-        objective = _Objective(problem, lam, smoothing, fast)
-        theta, value, iterations = minimize(objective, theta, preconditioner.for_problem(problem, lam), max_iter, tol)
+        objective = _Objective(problem, lam, smoothing, xb)
+        fit_tol = tol if refine else tol * SCOUT_TOL_FACTOR
+        theta, value, iterations = minimize(
+            objective, theta, preconditioner.for_problem(problem, lam), max_iter, fit_tol
+        )
         evaluations += objective.evaluations
         weight, bias = objective.unpack(theta)
         scores = _holdout_scores(problem, weight, bias) if problem.has_holdout else None
@@ -389,10 +397,10 @@ def fit_path(
         solutions[i] = (theta, scores, iterations, data_loss)
         seconds = time.perf_counter() - t0
         record = {"c": grid[i], "objective": value, "iterations": iterations, "evaluations": objective.evaluations}
-        line = f"C={grid[i]:g}  objective {value:.4f}  {iterations} iterations  {seconds:.2f} s"
-        if i in refined:
+        if refine:
             record["refined"] = True
-            line = f"C={grid[i]:g} refined  objective {value:.4f}  {iterations} iterations  {seconds:.2f} s"
+        label = f"C={grid[i]:g}" + (" refined" if refine else "")
+        line = f"{label}  objective {value:.4f}  {iterations} iterations  {seconds:.2f} s"
         if scores is not None:
             record |= {"holdout_acc": scores[0], "holdout_loss": scores[1]}
             line += f"  holdout acc {scores[0]:.4f}  loss {scores[1]:.4f}"
@@ -420,8 +428,7 @@ def fit_path(
         if chosen != first:  # the weaker side improved: the stronger side is past the peak
             break
 
-    refined.add(chosen)
-    fit(chosen, solutions[chosen][0], tol)  # the kept fit, to the full tolerance
+    fit(chosen, solutions[chosen][0], refine=True)  # the kept fit, to the full tolerance
     theta, _, iterations, train_loss = solutions[chosen]
     weight, bias = theta[: k * d].view(k, d).clone(), theta[k * d :].clone()
     if len(grid) > 1 and chosen == len(grid) - 1:
@@ -430,4 +437,4 @@ def fit_path(
         warnings.append(f"the strongest L2 strength tried (C={grid[0]:g}) scored best: add smaller values to c_grid")
     if iterations >= max_iter:
         warnings.append(f"L-BFGS stopped at max_iter={max_iter} before converging: raise max_iter")
-    return PathResult(grid[chosen], weight, bias, iterations, evaluations, train_loss, records, warnings)
+    return PathResult(grid[chosen], weight, bias, iterations, evaluations, train_loss, fast, records, warnings)

@@ -54,7 +54,7 @@ def test_rotation_keeps_the_problem() -> None:
 
 def test_preconditioned_lbfgs_reaches_the_gradient_free_optimum() -> None:
     problem, pre = on_principal_axes(correlated_problem(2_000, 48, 6))
-    objective = _Objective(problem, lam=1e-3, smoothing=0.0, fast=False)
+    objective = _Objective(problem, lam=1e-3, smoothing=0.0)
     theta, value, iterations = minimize(objective, torch.zeros(6 * 49), pre.for_problem(problem, 1e-3), 500, 1e-12)
     _, grad = objective(theta)
     assert grad.abs().max() < 1e-4 and iterations < 500
@@ -102,16 +102,17 @@ def test_bf16_objective_matches_float32_and_leaves_matmul_precision_as_it_was() 
     assert k >= BF16_MIN_CLASSES and n * d * k >= BF16_MIN_MACS  # the size the engine runs in bfloat16
     before = torch.backends.mkldnn.matmul.fp32_precision
     problem, pre = on_principal_axes(correlated_problem(n, d, k, n_hold=2_000), fast=True)
-    exact, fast = (fit_path(problem, [0.01], 0.01, pre, max_iter=100, tol=2e-4, fast=f) for f in (False, True))
+    exact, fast = (fit_path(problem, [0.01], 0.01, pre, max_iter=100, tol=2e-4, bf16=f) for f in (False, True))
+    assert fast.bf16 and not exact.bf16
     assert torch.backends.mkldnn.matmul.fp32_precision == before
     # The logits of the split bfloat16 matmul agree with float32 to float32-like accuracy.
     theta = torch.cat([exact.weight.reshape(-1), exact.bias])
-    ref, _ = _Objective(problem, 1e-3, 0.0, False)(theta)
-    value, _ = _Objective(problem, 1e-3, 0.0, True)(theta)
+    ref, _ = _Objective(problem, 1e-3, 0.0)(theta)
+    value, _ = _Objective(problem, 1e-3, 0.0, problem.x.to(torch.bfloat16))(theta)
     assert abs(value - ref) < 1e-4 * abs(ref)
     # Both fits reach the same optimum: same objective (in float32), same holdout predictions.
     lam = 1.0 / (0.01 * n)
-    f32 = _Objective(problem, lam, 0.0, False)
+    f32 = _Objective(problem, lam, 0.0)
     v_exact = f32(torch.cat([exact.weight.reshape(-1), exact.bias]))[0]
     v_fast = f32(torch.cat([fast.weight.reshape(-1), fast.bias]))[0]
     assert abs(v_fast - v_exact) < 2e-3 * v_exact
