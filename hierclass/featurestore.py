@@ -268,3 +268,13 @@ class FeatureStore:
             raise FeatureStoreError(f"{self.root}: {len(self.pending)} rows are still pending")
         self.meta.update(extra, complete=True, n_bad=int((np.asarray(self.status) == BAD).sum()))
         write_json_atomic(self.root / "meta.json", self.meta)
+
+
+def float32_rows(features: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
+    """``features[rows]`` as a new float32 array: float16 rows are converted by torch, about 6x faster than numpy."""
+    part = features[rows]
+    if part.dtype != np.float16:
+        return np.array(part, dtype=np.float32)
+    import torch
+
+    return torch.from_numpy(np.array(part)).float().numpy()

@@ -39,6 +39,7 @@ from scipy.optimize import minimize_scalar
 from torch import nn
 
 from hierclass.errors import CheckpointError
+from hierclass.featurestore import float32_rows
 from hierclass.models.heads import segment_log_softmax
 from hierclass.taxonomy import Taxonomy
 
@@ -63,7 +64,7 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
 
 
 def _tensor(features: np.ndarray, rows: slice | np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(features[rows], dtype=np.float32))
+    return torch.from_numpy(float32_rows(features, rows))
 
 
 def level_proba(proba: np.ndarray, taxonomy: Taxonomy, level: int) -> np.ndarray:
