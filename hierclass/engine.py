@@ -55,7 +55,7 @@ from hierclass.data.splits import holdout_mask
 from hierclass.data.training import ImageRows, ImageSplit, shard
 from hierclass.distributed import Dist
 from hierclass.errors import CheckpointError, ConfigError, HierclassError
-from hierclass.featurestore import FeatureStore, FeatureStoreError
+from hierclass.featurestore import FeatureStore, FeatureStoreError, float32_rows
 from hierclass.logistic import PathResult, Preconditioner, Problem, fit_path, use_bf16
 from hierclass.models.heads import ExpertHeads, FlatHead, RouterHead
 from hierclass.taxonomy import Taxonomy
@@ -239,11 +239,11 @@ class Split:
         """
         positions = np.sort(positions)  # sequential memmap reads; order inside a batch does not matter
         rows = self.rows[positions]
-        feats = np.asarray(self.store.features()[rows], dtype=np.float32)
+        feats = float32_rows(self.store.features(), rows)
         if self.flip is not None:
             flipped = self.flip.random(len(rows)) < 0.5
             if flipped.any():
-                feats[flipped] = self.store.features("hflip")[rows[flipped]]
+                feats[flipped] = float32_rows(self.store.features("hflip"), rows[flipped])
         return feats, self.target[positions]
 
     def positions(
@@ -524,10 +524,7 @@ def fit_lbfgs(
     else:
         grid = sorted(config.c_grid)
     bf16 = use_bf16(config.bf16, device, config.tol)
-    preconditioner = Preconditioner.from_store(fit.store, bf16).to(x.device)
-    x = preconditioner.rotate(x)  # problems are solved on the features' principal axes
-    if held is not None:
-        held = (preconditioner.rotate(held[0]), held[1])
+    preconditioner = Preconditioner.from_features(x, fast=bf16)
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()  # experts left untrained (a single leaf, no images) give every leaf the same score
@@ -545,7 +542,7 @@ def fit_lbfgs(
             problem, grid, config.c_start, preconditioner, max_iter=config.max_iter, tol=config.tol,
             smoothing=config.smoothing, bf16=bf16, log=say,
         )  # fmt: skip
-        _set_linear(model, branch, preconditioner.unrotate(result.weight), result.bias)
+        _set_linear(model, branch, result.weight, result.bias)
         chosen[problem.name], sizes[problem.name] = result, problem.n
         warnings += [prefix + w for w in result.warnings]
     if not chosen:

@@ -29,24 +29,15 @@ Three things make a fit cheap:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
-
-from hierclass.atomic import atomic_open
-
-if TYPE_CHECKING:
-    from hierclass.featurestore import FeatureStore
 
 __all__ = ["PathResult", "Preconditioner", "Problem", "bf16_matmul_available", "fit_path", "use_bf16"]
 
@@ -58,7 +49,8 @@ BF16_MIN_TOL = 1e-5  # below this tolerance the bfloat16 gradient's error would 
 # L-BFGS stops when its last STALL_WINDOW iterations together improved the objective by less than
 # STALL_WINDOW * tol of its value: one slow iteration alone (they happen) does not stop it.
 STALL_WINDOW = 3
-AXES_FILE = "principal_axes.npz"  # a feature store's principal axes, shared by the heads trained on it
+# The preconditioner keeps this many of the covariance's top eigenpairs (the rest as their mean).
+PRECONDITIONER_RANK = 64
 # The C path's fits stop at this times tol: enough to rank C on the holdout; the kept fit then goes on to tol.
 SCOUT_TOL_FACTOR = 3.0
 
@@ -140,13 +132,16 @@ def _split(a: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class _Objective:
-    """The regularised loss of a :class:`Problem` at one L2 strength, and its gradient, on a flat vector.
+    """The regularised loss of a :class:`Problem` at one L2 strength, and its gradient, on flat vectors.
 
-    The parameters are ``[W.ravel(), b]`` (float32). Given the problem's features in bfloat16
-    (``xb``), the logits come from one bfloat16 product against the weights' high and low parts
-    (float32 output): as accurate as float32 on the bfloat16-rounded features. The gradient's
-    product then runs in plain bfloat16 (its entries carry about 0.4% relative error), which the
-    line search tolerates down to ``tol`` around 1e-5.
+    The parameters are ``[W.ravel(), b]`` (float32). The logits are linear in them, so along a
+    search line ``theta + t * D`` they are ``Z + t * Z_D``: :func:`minimize` pays one product of
+    the features for the line (:meth:`along`) and one for the gradient where it lands, and tries
+    step lengths without touching the features. Given the features in bfloat16 (``xb``), the
+    direction's weights are rounded to bfloat16 (:meth:`on_grid`), which makes ``Z_D``, a
+    bfloat16 product with float32 accumulation, exact: the logits stay those of the parameters, to
+    float32 rounding. The gradient's product runs in plain bfloat16 (its entries carry about 0.4%
+    relative error), which the line search tolerates down to ``tol`` around 1e-5.
     """
 
     def __init__(self, problem: Problem, lam: float, smoothing: float, xb: Tensor | None = None):
@@ -158,12 +153,20 @@ class _Objective:
         self.w = (w / w.sum()).unsqueeze(1)  # [n, 1], summing to 1
         self.rows = torch.arange(n, device=self.x.device)
         self.target = problem.target
-        self.evaluations = 0
+        self.evaluations = 0  # products of the features: one per gradient, one per search line
 
     def unpack(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         return theta[: self.k * self.d].view(self.k, self.d), theta[self.k * self.d :]
 
-    def logits(self, weight: Tensor, bias: Tensor) -> Tensor:
+    def weights(self, theta: Tensor) -> Tensor:
+        """The weights' part of ``theta``, flat."""
+        return theta[: self.k * self.d]
+
+    def logits(self, theta: Tensor) -> Tensor:
+        """``X W^T + b`` for any parameters: in bfloat16 mode one product against the weights' high and
+        low parts (float32 output), as accurate as float32 on the bfloat16-rounded features."""
+        self.evaluations += 1
+        weight, bias = self.unpack(theta)
         if not self.fast:
             return torch.addmm(bias, self.x, weight.T)
         high, low = _split(weight)
@@ -171,128 +174,178 @@ class _Objective:
             both = self.x @ torch.cat([high, low]).T
         return both[:, : self.k].add_(both[:, self.k :]).add_(bias)
 
-    def __call__(self, theta: Tensor) -> tuple[float, Tensor]:
+    def on_grid(self, direction: Tensor) -> Tensor:
+        """``direction`` with its weights rounded to bfloat16 in bfloat16 mode (in place), so :meth:`along` is exact."""
+        if self.fast:
+            weight = direction[: self.k * self.d]
+            weight.copy_(weight.to(torch.bfloat16))
+        return direction
+
+    def along(self, direction: Tensor) -> Tensor:
+        """The logits' change per unit step along ``direction`` (on the grid of :meth:`on_grid`)."""
         self.evaluations += 1
-        weight, bias = self.unpack(theta)
+        weight, bias = self.unpack(direction)
+        with _bf16_matmul(self.fast):
+            z = self.x @ weight.T
+        return z.add_(bias)
+
+    def data_loss(self, z: Tensor) -> tuple[float, Tensor]:
+        """The weighted mean cross-entropy of logits ``z``, and their log-normaliser ``[n, 1]``."""
         s = self.smoothing
-        z = self.logits(weight, bias)
         lse = torch.logsumexp(z, 1, keepdim=True)
         nll = lse[:, 0] - z[self.rows, self.target]
         if s > 0:  # cross-entropy against (1 - s) * one-hot + s / K
             nll = (1 - s) * nll + s * (lse[:, 0] - z.mean(1))
-        g = z.sub_(lse).exp_()  # the softmax, in place of the logits
+        return float((nll * self.w[:, 0]).sum()), lse
+
+    def gradient(self, z: Tensor, lse: Tensor, theta: Tensor) -> Tensor:
+        """The gradient at ``theta``, whose logits are ``z`` (with their log-normaliser ``lse``)."""
+        self.evaluations += 1
+        s = self.smoothing
+        weight, _ = self.unpack(theta)
+        g = torch.sub(z, lse).exp_()  # the softmax
         g[self.rows, self.target] -= 1.0 - s
         if s > 0:
             g -= s / self.k
         g.mul_(self.w)
         grad_w = (g.T.to(torch.bfloat16) @ self.xb).float() if self.fast else g.T @ self.x
         grad_w.add_(weight, alpha=self.lam)
-        value = float((nll * self.w[:, 0]).sum()) + 0.5 * self.lam * float((weight * weight).sum())
-        return value, torch.cat([grad_w.reshape(-1), g.sum(0)])
+        return torch.cat([grad_w.reshape(-1), g.sum(0)])
+
+    def penalty(self, theta: Tensor) -> float:
+        weight, _ = self.unpack(theta)
+        return 0.5 * self.lam * float((weight * weight).sum())
+
+    def __call__(self, theta: Tensor) -> tuple[float, Tensor]:
+        """The objective and its gradient at ``theta``."""
+        z = self.logits(theta)
+        loss, lse = self.data_loss(z)
+        return loss + self.penalty(theta), self.gradient(z, lse, theta)
 
 
 class Preconditioner:
-    """The features' principal axes, in which ``(a * Sigma + lam * I)^-1`` is a diagonal preconditioner.
+    """``(a * Sigma + lam * I)^-1`` for L-BFGS, with ``Sigma`` the covariance of the standardised features.
 
-    ``Sigma`` is the covariance of the standardised features (a sample of them). Problems
-    are solved on the features rotated onto its eigenvectors (:meth:`rotate`: one matmul per
-    head); the rotation keeps ``|W|^2``, so the objective is unchanged, and the preconditioner,
-    approximately Newton's step along the correlated directions that make plain L-BFGS slow,
-    costs one elementwise product. ``a`` is the mean of ``p * (1 - p)`` over a problem's classes at
-    their priors; L-BFGS rescales the whole at every iteration from its last curvature pair.
-    :meth:`unrotate` brings the solved weights back to the features' own axes.
+    ``Sigma`` is kept as its top :data:`PRECONDITIONER_RANK` eigenpairs plus the mean of the
+    other eigenvalues: backbone features are strongly correlated along a few dozen directions,
+    which make plain L-BFGS slow, while the rest of the spectrum is flat enough for L-BFGS's own
+    curvature pairs. Applying it costs two thin products per iteration, nothing beside the
+    features' products. ``a`` is the mean of ``p * (1 - p)`` over a problem's classes at their
+    priors; L-BFGS rescales the whole at every iteration from its last curvature pair.
     """
 
-    def __init__(self, eigenvalues: Tensor, vectors: Tensor, fast: bool):
+    def __init__(self, eigenvalues: Tensor, vectors: Tensor, rest: float):
         self.eigenvalues = eigenvalues.clamp_min(0)
-        self.vectors = vectors.contiguous()
-        self.fast = fast
+        self.vectors = vectors.contiguous()  # [d, rank], orthonormal columns
+        self.rest = max(rest, 0.0)  # the mean of the other eigenvalues
 
     @classmethod
-    def from_features(cls, x: Tensor, fast: bool) -> Preconditioner:
-        """From standardised features ``[n, d]`` (all of them: pass a sample of a large set)."""
-        eigenvalues, vectors = torch.linalg.eigh((x.T @ x) / max(len(x), 1))
-        return cls(eigenvalues, vectors, fast)
-
-    @classmethod
-    def from_store(cls, store: FeatureStore, fast: bool, max_rows: int = 10_000) -> Preconditioner:
-        """From at most ``max_rows`` of a store's valid images (a fixed sample), standardised.
-
-        Every head trained on the store shares these axes, so they are kept beside its features
-        (``principal_axes.npz``, with a hash of the sample that finds it stale) and computed once.
-        A store that cannot be written to gets them computed each time.
-        """
-        rows = np.flatnonzero(store.valid)
-        if len(rows) > max_rows:
-            rows = np.sort(np.random.default_rng(0).choice(rows, size=max_rows, replace=False))
-        sample = np.asarray(store.features()[rows], dtype=np.float32)
-        key = hashlib.blake2b(sample.tobytes(), digest_size=16).hexdigest()
-        path = Path(store.root) / AXES_FILE
-        with contextlib.suppress(OSError, KeyError, ValueError), np.load(path) as cached:
-            if str(cached["key"]) == key:
-                return cls(torch.from_numpy(cached["eigenvalues"]), torch.from_numpy(cached["vectors"]), fast)
-        x = torch.from_numpy(sample)
-        done = cls.from_features((x - x.mean(0)) / x.std(0).clamp_min(1e-6), fast)
-        with contextlib.suppress(OSError), atomic_open(path, "wb") as f:
-            np.savez(f, key=key, eigenvalues=done.eigenvalues.numpy(), vectors=done.vectors.numpy())
-        return done
-
-    def to(self, device: str | torch.device) -> Preconditioner:
-        """The same axes on ``device`` (where the features are)."""
-        return Preconditioner(self.eigenvalues.to(device), self.vectors.to(device), self.fast)
-
     @torch.no_grad()
-    def rotate(self, x: Tensor, chunk: int = 65_536) -> Tensor:
-        """Features ``[n, d]`` put on the principal axes, in place, a chunk of rows at a time (``|x|`` is kept).
+    def from_features(
+        cls, x: Tensor, rank: int | None = None, max_rows: int = 4096, fast: bool = False
+    ) -> Preconditioner:
+        """From standardised features ``[n, d]``, an evenly spaced sample of at most ``max_rows`` of them.
 
-        With ``fast``, in bfloat16 matmuls: the rotated features then differ from the exact ones by
-        about 0.2%, once, as the bfloat16 objective's features do anyway.
+        The top eigenpairs come from a few rounds of subspace iteration on the sample's covariance
+        (computed in bfloat16 with ``fast``), seeded, so the same features give the same result.
         """
-        with _bf16_matmul(self.fast):
-            for start in range(0, len(x), chunk):
-                x[start : start + chunk] = x[start : start + chunk] @ self.vectors
-        return x
-
-    def unrotate(self, weight: Tensor) -> Tensor:
-        """Weights ``[k, d]`` solved on rotated features, for the original ones."""
-        return weight @ self.vectors.T
+        rank = min(PRECONDITIONER_RANK if rank is None else rank, x.shape[1])
+        sample = x[:: max(1, math.ceil(len(x) / max_rows))]
+        d = x.shape[1]
+        with _bf16_matmul(fast):
+            cov = (sample.T @ sample) / max(len(sample), 1)
+        width = min(d, rank + 16)  # oversampled: the top ``rank`` converge in a few rounds
+        start = torch.randn(d, width, generator=torch.Generator().manual_seed(0)).to(x.device)
+        basis = torch.linalg.qr(cov @ start).Q
+        for _ in range(3):
+            basis = torch.linalg.qr(cov @ basis).Q
+        values, vectors = torch.linalg.eigh(basis.T @ cov @ basis)
+        values, vectors = values.flip(0)[:rank], (basis @ vectors).flip(1)[:, :rank]
+        rest = float(torch.trace(cov) - values.sum()) / max(d - rank, 1)
+        return cls(values, vectors, rest)
 
     def for_problem(self, problem: Problem, lam: float) -> Callable[[Tensor], Tensor]:
-        """The preconditioner of ``problem`` (on rotated features) at L2 strength ``lam``, on flat parameter vectors."""
+        """The preconditioner of ``problem`` at L2 strength ``lam``, on flat parameter vectors ``[W.ravel(), b]``."""
         prior = torch.bincount(problem.target, minlength=problem.n_classes).float() / max(problem.n, 1)
         a = max(float((prior * (1 - prior)).mean()), 1.0 / max(problem.n, 1))  # > 0 with one class present
-        k = problem.n_classes
-        per_feature = (1.0 / (a * self.eigenvalues + lam)).repeat(k)
-        scale = torch.cat([per_feature, torch.full((k,), 1.0 / a, device=per_feature.device)])
-        return lambda v: v * scale
+        k, d = problem.n_classes, self.vectors.shape[0]
+        rest = 1.0 / (a * self.rest + lam)
+        top = 1.0 / (a * self.eigenvalues + lam) - rest  # the top directions' own scale, on top of ``rest``
+        vectors = self.vectors
+
+        def apply(v: Tensor) -> Tensor:
+            out = torch.empty_like(v)
+            weight, out_weight = v[: k * d].view(k, d), out[: k * d].view(k, d)
+            torch.mul(weight, rest, out=out_weight)
+            out_weight.addmm_((weight @ vectors).mul_(top), vectors.T)
+            torch.mul(v[k * d :], 1.0 / a, out=out[k * d :])
+            return out
+
+        return apply
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
     return float(torch.dot(a, b))
 
 
+class Memory:
+    """L-BFGS's curvature pairs ``(s, y, 1 / s.y)``, the last ``size`` of them.
+
+    The L2 term's Hessian is ``lam`` on the weights, the data term's does not depend on ``lam``,
+    so a pair taken at one strength becomes a pair of another by adding ``(lam' - lam) * s`` to
+    the weights' part of ``y`` (:meth:`at`). A fit along the C path starts with its neighbour's
+    memory, not only its solution: its first step is already a quasi-Newton one.
+    """
+
+    def __init__(self, size: int = 10):
+        self.size = size
+        self.pairs: list[tuple[Tensor, Tensor, float]] = []
+
+    def add(self, s: Tensor, y: Tensor) -> None:
+        sy = _dot(s, y)
+        if sy > 1e-12 * max(_dot(y, y), 1e-30):  # curvature along s: skip the pair otherwise
+            self.pairs.append((s, y, 1.0 / sy))
+            if len(self.pairs) > self.size:
+                self.pairs.pop(0)
+
+    def at(self, shift: float, n_weights: int) -> Memory:
+        """These pairs for an objective whose L2 strength on the first ``n_weights`` entries is ``shift`` higher."""
+        moved = Memory(self.size)
+        for s, y, _ in self.pairs:
+            y = y.clone()
+            y[:n_weights].add_(s[:n_weights], alpha=shift)
+            moved.add(s, y)
+        return moved
+
+
 def minimize(
-    fun: Callable[[Tensor], tuple[float, Tensor]],
+    objective: _Objective,
     theta: Tensor,
     precondition: Callable[[Tensor], Tensor],
     max_iter: int,
     tol: float,
-    memory: int = 10,
+    memory: Memory | None = None,
 ) -> tuple[Tensor, float, int]:
-    """Preconditioned L-BFGS with an Armijo backtracking line search, on a convex smooth ``fun``.
+    """Preconditioned L-BFGS with an Armijo backtracking line search, on a convex smooth objective.
 
     The two-loop recursion starts from ``gamma * precondition(q)``, ``gamma`` rescaling the
     preconditioner by the last curvature pair (Shanno's scaling), so that the unit step is
-    usually taken at once. Stops when the last :data:`STALL_WINDOW` iterations improved the
-    objective by less than ``tol`` times its value on average, after ``max_iter`` iterations,
-    or when the line search cannot improve.
+    usually taken at once. Each iteration costs two products of the features: the logits'
+    change along the direction, after which every trial step costs one log-sum-exp, and the
+    gradient where the step lands. Stops when the last :data:`STALL_WINDOW` iterations improved
+    the objective by less than ``tol`` times its value on average, after ``max_iter``
+    iterations, or when the line search cannot improve.
 
     Returns:
         ``(solution, objective there, iterations)``.
     """
-    value, grad = fun(theta)
+    z = objective.logits(theta)
+    loss, lse = objective.data_loss(z)
+    value, grad = loss + objective.penalty(theta), objective.gradient(z, lse, theta)
+    lam = objective.lam
     history = [value]
-    pairs: list[tuple[Tensor, Tensor, float]] = []
+    memory = Memory() if memory is None else memory
+    pairs = memory.pairs
     iterations = 0
     while iterations < max_iter:
         iterations += 1
@@ -308,27 +361,30 @@ def minimize(
             r.mul_(_dot(s, y) / max(_dot(y, precondition(y)), 1e-30))
         for (s, y, rho), alpha in zip(pairs, reversed(alphas), strict=True):
             r.add_(s, alpha=alpha - rho * _dot(y, r))
-        direction = r.neg_()
+        direction = objective.on_grid(r.neg_())
         slope = _dot(grad, direction)
         if slope >= 0:  # not a descent direction: forget the curvature pairs, step along -gradient
             pairs.clear()
-            direction, slope = -precondition(grad), -_dot(grad, precondition(grad))
+            direction = objective.on_grid(-precondition(grad))
+            slope = _dot(grad, direction)
+        z_step = objective.along(direction)
+        w, dw = objective.weights(theta), objective.weights(direction)  # the penalty along the line: a quadratic
+        ww, wd, dd = _dot(w, w), _dot(w, dw), _dot(dw, dw)
         step = 1.0
         for _ in range(30):
-            candidate = theta + step * direction
-            new_value, new_grad = fun(candidate)
+            candidate_z = torch.add(z, z_step, alpha=step)
+            loss, lse = objective.data_loss(candidate_z)
+            new_value = loss + 0.5 * lam * (ww + 2 * step * wd + step * step * dd)
             if new_value <= value + 1e-4 * step * slope:
                 break
             step *= 0.5
         else:
             break  # no decrease along the direction: at the solution to float precision
+        candidate = theta + step * direction
+        new_grad = objective.gradient(candidate_z, lse, candidate)
         s, y = candidate - theta, new_grad - grad
-        sy = _dot(s, y)
-        if sy > 1e-12 * max(_dot(y, y), 1e-30):
-            pairs.append((s, y, 1.0 / sy))
-            if len(pairs) > memory:
-                pairs.pop(0)
-        theta, value, grad = candidate, new_value, new_grad
+        memory.add(s, y)
+        theta, z, value, grad = candidate, candidate_z, new_value, new_grad
         history.append(value)
         if len(history) > STALL_WINDOW and history[-1 - STALL_WINDOW] - value <= STALL_WINDOW * tol * abs(value):
             break
@@ -365,8 +421,9 @@ def fit_path(
     The path begins at the grid value nearest ``start``, fitted from zero. It then moves to
     weaker L2 strengths (larger C) while the holdout's cross-entropy improves; if the first
     such step does not improve, it moves to stronger ones instead. Every fit starts from its
-    neighbour's solution. These scouting fits stop at ``SCOUT_TOL_FACTOR * tol``; the kept one
-    then continues to ``tol``. A problem without holdout images is fitted at that first value only.
+    neighbour's solution and L-BFGS memory (:class:`Memory`). These scouting fits stop at
+    ``SCOUT_TOL_FACTOR * tol``; the kept one then continues to ``tol``. A problem without
+    holdout images is fitted at that first value only.
     With ``bf16`` (see :func:`use_bf16`), a problem large enough for it runs its products in bfloat16.
     """
     grid = sorted(grid)
@@ -380,16 +437,22 @@ def fit_path(
     solutions: dict[int, tuple[Tensor, tuple[float, float] | None, int, float]] = {}
     records: list[dict[str, Any]] = []
     evaluations = 0
+    memories: dict[int, tuple[float, Memory]] = {}  # the L-BFGS memory of the fits a later one may start from
 
-    def fit(i: int, theta: Tensor, refine: bool = False) -> tuple[float, float] | None:
+    def fit(i: int, theta: Tensor, source: int | None = None, refine: bool = False) -> tuple[float, float] | None:
         nonlocal evaluations
         t0 = time.perf_counter()
         lam = 1.0 / (grid[i] * max(problem.n, 1))
         objective = _Objective(problem, lam, smoothing, xb)
-        fit_tol = tol if refine else tol * SCOUT_TOL_FACTOR
+        memory = Memory()
+        if source is not None:
+            source_lam, source_memory = memories[source]
+            memory = source_memory.at(lam - source_lam, k * d)
         theta, value, iterations = minimize(
-            objective, theta, preconditioner.for_problem(problem, lam), max_iter, fit_tol
-        )
+            objective, theta, preconditioner.for_problem(problem, lam), max_iter,
+            tol if refine else tol * SCOUT_TOL_FACTOR, memory,
+        )  # fmt: skip
+        memories[i] = (lam, memory)
         evaluations += objective.evaluations
         weight, bias = objective.unpack(theta)
         scores = _holdout_scores(problem, weight, bias) if problem.has_holdout else None
@@ -420,7 +483,9 @@ def fit_path(
     for direction in (1, -1):
         i = first + direction
         while 0 <= i < len(grid):
-            scores = fit(i, solutions[i - direction][0])
+            scores = fit(i, solutions[i - direction][0], source=i - direction)
+            for j in set(memories) - {i, chosen}:  # later fits start from the last one or the best one
+                del memories[j]
             if not better(scores, best):
                 break
             best, chosen = scores, i
@@ -428,7 +493,7 @@ def fit_path(
         if chosen != first:  # the weaker side improved: the stronger side is past the peak
             break
 
-    fit(chosen, solutions[chosen][0], refine=True)  # the kept fit, to the full tolerance
+    fit(chosen, solutions[chosen][0], source=chosen, refine=True)  # the kept fit, to the full tolerance
     theta, _, iterations, train_loss = solutions[chosen]
     weight, bias = theta[: k * d].view(k, d).clone(), theta[k * d :].clone()
     if len(grid) > 1 and chosen == len(grid) - 1:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from hierclass.logistic import (
     BF16_MIN_CLASSES,
     BF16_MIN_MACS,
+    Memory,
     Preconditioner,
     Problem,
     _Objective,
@@ -36,24 +34,35 @@ def correlated_problem(n: int, d: int, k: int, seed: int = 0, n_hold: int = 0) -
     return Problem("p", x[:n].contiguous(), target[:n], k, **hold)
 
 
-def on_principal_axes(problem: Problem, fast: bool = False) -> tuple[Problem, Preconditioner]:
-    """The problem as the engine solves it: features rotated onto their covariance's eigenvectors."""
-    pre = Preconditioner.from_features(problem.x, fast)
-    hold = problem.hold_x if problem.hold_x is None else pre.rotate(problem.hold_x.clone())
-    return dataclasses.replace(problem, x=pre.rotate(problem.x.clone()), hold_x=hold), pre
+def preconditioned(problem: Problem, fast: bool = False) -> tuple[Problem, Preconditioner]:
+    """The problem and the preconditioner the engine builds for it, from its features."""
+    return problem, Preconditioner.from_features(problem.x, fast=fast)
 
 
-def test_rotation_keeps_the_problem() -> None:
-    problem = correlated_problem(500, 16, 4)
-    rotated, pre = on_principal_axes(problem)
-    w = torch.randn(4, 16)
-    # the same logits with the weights carried over, and the same L2 norm: the same objective
-    torch.testing.assert_close(rotated.x @ w.T, problem.x @ pre.unrotate(w).T, atol=1e-4, rtol=1e-4)
-    assert float(pre.unrotate(w).norm()) == pytest.approx(float(w.norm()), rel=1e-5)
+def test_preconditioner_is_the_inverse_of_its_covariance_model() -> None:
+    problem = correlated_problem(3_000, 96, 5)
+    pre = Preconditioner.from_features(problem.x, rank=16)
+    cov = problem.x.T @ problem.x / problem.n
+    top = torch.linalg.eigvalsh(cov).flip(0)[:16]
+    torch.testing.assert_close(pre.eigenvalues, top, rtol=1e-3, atol=1e-4)  # the top of the spectrum
+    assert pre.rest == pytest.approx(float(torch.trace(cov) - top.sum()) / 80, rel=1e-3)
+    # applied to a flat vector: (a * Sigma~ + lam)^-1 on each class's weights, 1 / a on the biases,
+    # Sigma~ the top eigenpairs plus the mean of the other eigenvalues
+    lam, k, d = 0.01, 5, 96
+    prior = torch.bincount(problem.target, minlength=k).float() / problem.n
+    a = float((prior * (1 - prior)).mean())
+    v = pre.vectors.double()
+    model = v @ torch.diag(pre.eigenvalues.double()) @ v.T + pre.rest * (torch.eye(d) - v @ v.T)
+    inverse = torch.linalg.inv(a * model + lam * torch.eye(d, dtype=torch.float64))
+    vec = torch.randn(k * d + k)
+    got = pre.for_problem(problem, lam)(vec)
+    expected = (vec[: k * d].view(k, d).double() @ inverse).float()
+    torch.testing.assert_close(got[: k * d].view(k, d), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[k * d :], vec[k * d :] / a)
 
 
 def test_preconditioned_lbfgs_reaches_the_gradient_free_optimum() -> None:
-    problem, pre = on_principal_axes(correlated_problem(2_000, 48, 6))
+    problem, pre = preconditioned(correlated_problem(2_000, 48, 6))
     objective = _Objective(problem, lam=1e-3, smoothing=0.0)
     theta, value, iterations = minimize(objective, torch.zeros(6 * 49), pre.for_problem(problem, 1e-3), 500, 1e-12)
     _, grad = objective(theta)
@@ -71,7 +80,7 @@ def test_preconditioned_lbfgs_reaches_the_gradient_free_optimum() -> None:
 
 
 def test_path_starts_at_c_start_and_walks_toward_the_better_side() -> None:
-    problem, pre = on_principal_axes(correlated_problem(1_500, 24, 5, n_hold=600))
+    problem, pre = preconditioned(correlated_problem(1_500, 24, 5, n_hold=600))
     seen: list[float] = []
     refined: list[float] = []
     result = fit_path(
@@ -90,7 +99,7 @@ def test_path_starts_at_c_start_and_walks_toward_the_better_side() -> None:
 
 
 def test_a_problem_without_holdout_is_fitted_at_the_start_value_and_says_so() -> None:
-    problem, pre = on_principal_axes(correlated_problem(400, 8, 3))
+    problem, pre = preconditioned(correlated_problem(400, 8, 3))
     result = fit_path(problem, [0.01, 0.1, 1.0], 0.1, pre, max_iter=100, tol=1e-6)
     assert result.c == 0.1 and [r["c"] for r in result.records] == [0.1, 0.1]  # scouted, then refined
     assert result.warnings == ["no holdout image to choose C on: C=0.1"]
@@ -101,7 +110,7 @@ def test_bf16_objective_matches_float32_and_leaves_matmul_precision_as_it_was() 
     n, d, k = 6_000, 256, 64
     assert k >= BF16_MIN_CLASSES and n * d * k >= BF16_MIN_MACS  # the size the engine runs in bfloat16
     before = torch.backends.mkldnn.matmul.fp32_precision
-    problem, pre = on_principal_axes(correlated_problem(n, d, k, n_hold=2_000), fast=True)
+    problem, pre = preconditioned(correlated_problem(n, d, k, n_hold=2_000), fast=True)
     exact, fast = (fit_path(problem, [0.01], 0.01, pre, max_iter=100, tol=2e-4, bf16=f) for f in (False, True))
     assert fast.bf16 and not exact.bf16
     assert torch.backends.mkldnn.matmul.fp32_precision == before
@@ -125,29 +134,40 @@ def test_bf16_objective_matches_float32_and_leaves_matmul_precision_as_it_was() 
 def test_a_problem_with_one_class_present_is_solved() -> None:
     problem = correlated_problem(300, 8, 3)
     problem = dataclasses.replace(problem, target=torch.zeros_like(problem.target))  # e.g. an expert's one stocked leaf
-    problem, pre = on_principal_axes(problem)
+    problem, pre = preconditioned(problem)
     result = fit_path(problem, [0.1], 0.1, pre, max_iter=100, tol=1e-6)
     assert torch.isfinite(result.weight).all() and int(result.bias.argmax()) == 0
 
 
-def test_principal_axes_are_kept_beside_the_store_and_recomputed_when_it_changes(tmp_path: Path) -> None:
-    from test_engine import ROWS, noisy_store
+def test_a_fit_started_from_its_neighbours_memory_reaches_the_same_optimum_sooner() -> None:
+    problem, pre = preconditioned(correlated_problem(2_000, 48, 6))
+    lam_a, lam_b = 1e-2, 3e-3
+    first = _Objective(problem, lam_a, 0.0)
+    memory = Memory()
+    theta_a, _, _ = minimize(first, torch.zeros(6 * 49), pre.for_problem(problem, lam_a), 500, 1e-9, memory)
+    runs = {}
+    for name, start in (("fresh", Memory()), ("carried", memory.at(lam_b - lam_a, 6 * 48))):
+        objective = _Objective(problem, lam_b, 0.0)
+        runs[name] = minimize(objective, theta_a.clone(), pre.for_problem(problem, lam_b), 500, 1e-9, start)
+    assert runs["carried"][1] == pytest.approx(runs["fresh"][1], rel=1e-6)
+    assert runs["carried"][2] < runs["fresh"][2]
+    # the shifted pairs are the new objective's: y = H s for its quadratic term
+    s, y, _ = memory.at(lam_b - lam_a, 6 * 48).pairs[-1]
+    s0, y0, _ = memory.pairs[-1]
+    torch.testing.assert_close(y[: 6 * 48] - y0[: 6 * 48], (lam_b - lam_a) * s0[: 6 * 48])
+    torch.testing.assert_close(y[6 * 48 :], y0[6 * 48 :])
 
-    from hierclass.logistic import AXES_FILE
-    from hierclass.taxonomy import Taxonomy
 
-    tax = Taxonomy.from_rows(ROWS)
-    store = noisy_store(tmp_path / "s", tax, 300, 1)
-    first = Preconditioner.from_store(store, fast=False)
-    assert (tmp_path / "s" / AXES_FILE).is_file()
-    again = Preconditioner.from_store(store, fast=False)
-    assert torch.equal(first.vectors, again.vectors) and torch.equal(first.eigenvalues, again.eigenvalues)
-    # eigenvectors of the sample's correlation: V diag(s) V^T rebuilds it
-    x = torch.from_numpy(np.asarray(store.features(), dtype=np.float32))
-    x = (x - x.mean(0)) / x.std(0)
-    rebuilt = first.vectors @ torch.diag(first.eigenvalues) @ first.vectors.T
-    torch.testing.assert_close(rebuilt, x.T @ x / len(x), atol=1e-4, rtol=1e-4)
-    # other features in the same folder: the stale axes are not used
-    other = noisy_store(tmp_path / "s2", tax, 300, 2)
-    shutil.copy(tmp_path / "s" / AXES_FILE, tmp_path / "s2" / AXES_FILE)
-    assert not torch.equal(Preconditioner.from_store(other, fast=False).vectors, first.vectors)
+@pytest.mark.parametrize("fast", [False, True])
+def test_the_line_search_keeps_the_logits_of_the_parameters(fast: bool) -> None:
+    if fast and not bf16_matmul_available():
+        pytest.skip("this CPU has no bfloat16 matrix units")
+    # minimize updates the logits along each line (Z + t * Z_D) instead of recomputing them:
+    # after 60 iterations they still belong to the parameters it returns
+    problem, pre = preconditioned(correlated_problem(3_000, 64, 20))
+    xb = problem.x.to(torch.bfloat16) if fast else None
+    objective = _Objective(problem, 1e-3, 0.0, xb)
+    theta, value, iterations = minimize(objective, torch.zeros(20 * 65), pre.for_problem(problem, 1e-3), 60, 0.0)
+    assert iterations > 20
+    exact, _ = _Objective(problem, 1e-3, 0.0, xb)(theta)
+    assert value == pytest.approx(exact, rel=1e-6)
