@@ -49,6 +49,7 @@ BF16_MIN_TOL = 1e-5  # below this tolerance the bfloat16 gradient's error would 
 # L-BFGS stops when its last STALL_WINDOW iterations together improved the objective by less than
 # STALL_WINDOW * tol of its value: one slow iteration alone (they happen) does not stop it.
 STALL_WINDOW = 3
+MEMORY_SIZE = 10  # L-BFGS keeps this many curvature pairs
 # The preconditioner keeps this many of the covariance's top eigenpairs (the rest as their mean).
 PRECONDITIONER_RANK = 64
 # The C path's fits stop at this times tol: enough to rank C on the holdout; the kept fit then goes on to tol.
@@ -297,8 +298,8 @@ class Memory:
     memory, not only its solution: its first step is already a quasi-Newton one.
     """
 
-    def __init__(self, size: int = 10):
-        self.size = size
+    def __init__(self, size: int | None = None):
+        self.size = MEMORY_SIZE if size is None else size
         self.pairs: list[tuple[Tensor, Tensor, float]] = []
 
     def add(self, s: Tensor, y: Tensor) -> None:
@@ -380,11 +381,12 @@ def minimize(
             step *= 0.5
         else:
             break  # no decrease along the direction: at the solution to float precision
+        del z_step  # the old logits and the line's are freed before the gradient's buffers come
+        z = candidate_z
         candidate = theta + step * direction
-        new_grad = objective.gradient(candidate_z, lse, candidate)
-        s, y = candidate - theta, new_grad - grad
-        memory.add(s, y)
-        theta, z, value, grad = candidate, candidate_z, new_value, new_grad
+        new_grad = objective.gradient(z, lse, candidate)
+        memory.add(candidate - theta, new_grad - grad)
+        theta, value, grad = candidate, new_value, new_grad
         history.append(value)
         if len(history) > STALL_WINDOW and history[-1 - STALL_WINDOW] - value <= STALL_WINDOW * tol * abs(value):
             break

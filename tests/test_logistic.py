@@ -144,12 +144,12 @@ def test_a_fit_started_from_its_neighbours_memory_reaches_the_same_optimum_soone
     lam_a, lam_b = 1e-2, 3e-3
     first = _Objective(problem, lam_a, 0.0)
     memory = Memory()
-    theta_a, _, _ = minimize(first, torch.zeros(6 * 49), pre.for_problem(problem, lam_a), 500, 1e-9, memory)
+    theta_a, _, _ = minimize(first, torch.zeros(6 * 49), pre.for_problem(problem, lam_a), 500, 1e-5, memory)
     runs = {}
     for name, start in (("fresh", Memory()), ("carried", memory.at(lam_b - lam_a, 6 * 48))):
         objective = _Objective(problem, lam_b, 0.0)
-        runs[name] = minimize(objective, theta_a.clone(), pre.for_problem(problem, lam_b), 500, 1e-9, start)
-    assert runs["carried"][1] == pytest.approx(runs["fresh"][1], rel=1e-6)
+        runs[name] = minimize(objective, theta_a.clone(), pre.for_problem(problem, lam_b), 500, 1e-5, start)
+    assert runs["carried"][1] == pytest.approx(runs["fresh"][1], rel=1e-5)
     assert runs["carried"][2] < runs["fresh"][2]
     # the shifted pairs are the new objective's: y = H s for its quadratic term
     s, y, _ = memory.at(lam_b - lam_a, 6 * 48).pairs[-1]
