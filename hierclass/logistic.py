@@ -11,20 +11,25 @@ problem minimises
 weights are 1. :func:`fit_path` fits it at the values of ``c_grid`` its holdout asks for, each
 warm-started from its neighbour's solution, and keeps the C its holdout scores best.
 
-Three things make a fit cheap:
+What makes a fit cheap:
 
 * :func:`minimize` is L-BFGS preconditioned by ``(a * Sigma + lam * I)^-1``, ``Sigma`` the
-  covariance of the standardised features. The problems are solved on the features' principal
-  axes (:class:`Preconditioner`: one eigendecomposition per feature folder, kept there), where
-  that preconditioner is diagonal. Backbone features are strongly correlated; the
-  preconditioner undoes that, and the fits take about half the iterations of unpreconditioned
-  L-BFGS-B (scipy's, which scikit-learn uses).
-* The objective and its gradient are written out (one matmul each way, no autograd graph).
+  covariance of the standardised features, kept as its top eigenpairs plus the mean of the
+  rest (:class:`Preconditioner`, from the features in memory). Backbone features are strongly
+  correlated along a few dozen directions; on Fashion's features the preconditioner saves a
+  third to 45% of a flat head's products against a scalar one.
+* The logits are linear in the parameters: each iteration costs two products of the features,
+  one for the search direction (trial steps along it then cost a log-sum-exp each) and one for
+  the gradient where the step lands. The objective and its gradient are written out, no
+  autograd graph.
+* Each fit of the C path starts from its neighbour's solution and curvature pairs
+  (:class:`Memory`), moved exactly to the new L2 strength.
 * On a CPU with bfloat16 matrix units (AMX, AVX512-BF16) (:func:`use_bf16`), problems of 16
-  classes or more run their matmuls in bfloat16: the logits from one bfloat16 product against
-  the weights' high and low parts (float32 output), as accurate as float32 on the
-  bfloat16-rounded features; the gradient's product in plain bfloat16 (about 0.4% error per
-  entry, which L-BFGS tolerates at the default ``tol``; below ``tol`` 1e-5 everything stays float32).
+  classes or more run their products in bfloat16 with float32 accumulation. The search
+  direction's weights are rounded to bfloat16, so the direction's logits are exact and the
+  tracked logits stay those of the parameters; the gradient's product carries about 0.4% error
+  per entry, which L-BFGS tolerates at the default ``tol`` (below ``tol`` 1e-5 everything stays
+  float32).
 """
 
 from __future__ import annotations
