@@ -88,8 +88,8 @@ class Problem:
 @dataclass
 class PathResult:
     """What :func:`fit_path` chose for one problem: C, its weights ``[K, d]`` and bias ``[K]``, the L-BFGS
-    iterations of that fit and the evaluations of the whole path, the training cross-entropy, whether it
-    ran in bfloat16, and the path."""
+    iterations of that fit, the products of the features the whole path took (``evaluations``), the
+    training cross-entropy, whether it ran in bfloat16, and the path."""
 
     c: float
     weight: Tensor
