@@ -46,8 +46,9 @@ from torch import Tensor
 
 __all__ = ["PathResult", "Preconditioner", "Problem", "bf16_matmul_available", "fit_path", "use_bf16"]
 
-# bfloat16 pays where the float32 matmul costs more than converting the features twice: from
-# about 16 classes on, and only on matmuls large enough to amortise the conversions' overhead.
+# bfloat16 pays where the float32 product costs more than converting the features to bfloat16
+# (which every product with float32 inputs in bfloat16 mode does): from about 16 classes on, and
+# only on products large enough to amortise that overhead.
 BF16_MIN_CLASSES = 16
 BF16_MIN_MACS = 2**26
 BF16_MIN_TOL = 1e-5  # below this tolerance the bfloat16 gradient's error would stop L-BFGS early
@@ -235,9 +236,10 @@ class Preconditioner:
     ``Sigma`` is kept as its top :data:`PRECONDITIONER_RANK` eigenpairs plus the mean of the
     other eigenvalues: backbone features are strongly correlated along a few dozen directions,
     which make plain L-BFGS slow, while the rest of the spectrum is flat enough for L-BFGS's own
-    curvature pairs. Applying it costs two thin products per iteration, nothing beside the
-    features' products. ``a`` is the mean of ``p * (1 - p)`` over a problem's classes at their
-    priors; L-BFGS rescales the whole at every iteration from its last curvature pair.
+    curvature pairs. Applying it costs two thin products (``[K, d] x [d, rank]`` and back), little
+    beside the features' products; L-BFGS applies it twice per iteration. ``a`` is the mean of
+    ``p * (1 - p)`` over a problem's classes at their priors; L-BFGS rescales the whole at every
+    iteration from its last curvature pair.
     """
 
     def __init__(self, eigenvalues: Tensor, vectors: Tensor, rest: float):
@@ -463,7 +465,7 @@ def fit_path(
         evaluations += objective.evaluations
         weight, bias = objective.unpack(theta)
         scores = _holdout_scores(problem, weight, bias) if problem.has_holdout else None
-        data_loss = value - 0.5 * lam * float((weight * weight).sum())
+        data_loss = value - objective.penalty(theta)
         solutions[i] = (theta, scores, iterations, data_loss)
         seconds = time.perf_counter() - t0
         record = {"c": grid[i], "objective": value, "iterations": iterations, "evaluations": objective.evaluations}
