@@ -46,11 +46,9 @@ from torch import Tensor
 
 __all__ = ["PathResult", "Preconditioner", "Problem", "bf16_matmul_available", "fit_path", "use_bf16"]
 
-# bfloat16 pays where the float32 product costs more than converting the features to bfloat16
-# (which every product with float32 inputs in bfloat16 mode does): from about 16 classes on, and
-# only on products large enough to amortise that overhead.
-BF16_MIN_CLASSES = 16
-BF16_MIN_MACS = 2**26
+# bfloat16 pays on products large enough to amortise converting the features (once per path, and
+# the line's product converts them again): from about 8M multiply-adds.
+BF16_MIN_MACS = 2**23
 BF16_MIN_TOL = 1e-5  # below this tolerance the bfloat16 gradient's error would stop L-BFGS early
 # L-BFGS stops when its last STALL_WINDOW iterations together improved the objective by less than
 # STALL_WINDOW * tol of its value: one slow iteration alone (they happen) does not stop it.
@@ -254,22 +252,27 @@ class Preconditioner:
     ) -> Preconditioner:
         """From standardised features ``[n, d]``, an evenly spaced sample of at most ``max_rows`` of them.
 
-        The top eigenpairs come from a few rounds of subspace iteration on the sample's covariance
-        (computed in bfloat16 with ``fast``), seeded, so the same features give the same result.
+        The top eigenpairs come from a few rounds of subspace iteration on the sample's covariance,
+        applied as ``S^T (S B) / n`` without forming it (in bfloat16 with ``fast``), seeded, so the
+        same features give the same result.
         """
         rank = min(PRECONDITIONER_RANK if rank is None else rank, x.shape[1])
         sample = x[:: max(1, math.ceil(len(x) / max_rows))]
-        d = x.shape[1]
-        with _bf16_matmul(fast):
-            cov = (sample.T @ sample) / max(len(sample), 1)
+        n, d = max(len(sample), 1), x.shape[1]
+        dtype = torch.bfloat16 if fast else x.dtype
+        rows = sample.to(dtype)
+
+        def covariance_times(b: Tensor) -> Tensor:
+            return (rows.T @ (rows @ b.to(dtype))).float() / n
+
         width = min(d, rank + 16)  # oversampled: the top ``rank`` converge in a few rounds
-        start = torch.randn(d, width, generator=torch.Generator().manual_seed(0)).to(x.device)
-        basis = torch.linalg.qr(cov @ start).Q
-        for _ in range(3):
-            basis = torch.linalg.qr(cov @ basis).Q
-        values, vectors = torch.linalg.eigh(basis.T @ cov @ basis)
+        basis = torch.randn(d, width, generator=torch.Generator().manual_seed(0)).to(x.device)
+        for _ in range(4):
+            basis = torch.linalg.qr(covariance_times(basis)).Q
+        projected = (sample @ basis) if not fast else (rows @ basis.to(dtype)).float()
+        values, vectors = torch.linalg.eigh(projected.T @ projected / n)
         values, vectors = values.flip(0)[:rank], (basis @ vectors).flip(1)[:, :rank]
-        rest = float(torch.trace(cov) - values.sum()) / max(d - rank, 1)
+        rest = (float(sample.pow(2).sum()) / n - float(values.sum())) / max(d - rank, 1)
         return cls(values, vectors, rest)
 
     def for_problem(self, problem: Problem, lam: float) -> Callable[[Tensor], Tensor]:
@@ -333,7 +336,8 @@ def minimize(
     max_iter: int,
     tol: float,
     memory: Memory | None = None,
-) -> tuple[Tensor, float, int]:
+    z: Tensor | None = None,
+) -> tuple[Tensor, Tensor, float, int]:
     """Preconditioned L-BFGS with an Armijo backtracking line search, on a convex smooth objective.
 
     The two-loop recursion starts from ``gamma * precondition(q)``, ``gamma`` rescaling the
@@ -344,10 +348,12 @@ def minimize(
     the objective by less than ``tol`` times its value on average, after ``max_iter``
     iterations, or when the line search cannot improve.
 
+    ``z``, when given, are the logits of ``theta``.
+
     Returns:
-        ``(solution, objective there, iterations)``.
+        ``(solution, its logits, objective there, iterations)``.
     """
-    z = objective.logits(theta)
+    z = objective.logits(theta) if z is None else z
     loss, lse = objective.data_loss(z)
     value, grad = loss + objective.penalty(theta), objective.gradient(z, lse, theta)
     lam = objective.lam
@@ -397,7 +403,7 @@ def minimize(
         history.append(value)
         if len(history) > STALL_WINDOW and history[-1 - STALL_WINDOW] - value <= STALL_WINDOW * tol * abs(value):
             break
-    return theta, value, iterations
+    return theta, z, value, iterations
 
 
 def _holdout_scores(problem: Problem, weight: Tensor, bias: Tensor) -> tuple[float, float]:
@@ -441,26 +447,43 @@ def fit_path(
         grid = [grid[path_order(grid, start)]]
         warnings.append(f"no holdout image to choose C on: C={grid[0]:g}")
     k, d = problem.n_classes, problem.x.shape[1]
-    fast = bf16 and k >= BF16_MIN_CLASSES and problem.n * d * k >= BF16_MIN_MACS
+    fast = bf16 and problem.n * d * k >= BF16_MIN_MACS
     xb = problem.x.to(torch.bfloat16) if fast else None  # once, for every fit of the path
     solutions: dict[int, tuple[Tensor, tuple[float, float] | None, int, float]] = {}
     records: list[dict[str, Any]] = []
     evaluations = 0
     memories: dict[int, tuple[float, Memory]] = {}  # the L-BFGS memory of the fits a later one may start from
+    last: tuple[int, Tensor] | None = None  # the last fit and its logits, where the next one starts
 
-    def fit(i: int, theta: Tensor, source: int | None = None, refine: bool = False) -> tuple[float, float] | None:
-        nonlocal evaluations
+    def fit(
+        i: int, source: int | None = None, behind: int | None = None, refine: bool = False
+    ) -> tuple[float, float] | None:
+        """Fit C = grid[i] from zero, or from the solution ``source`` (with its memory), moved along
+        the path's secant from ``behind`` to ``source`` when given."""
+        nonlocal evaluations, last
         t0 = time.perf_counter()
         lam = 1.0 / (grid[i] * max(problem.n, 1))
         objective = _Objective(problem, lam, smoothing, xb)
-        memory = Memory()
-        if source is not None:
+        memory, z = Memory(), None
+        if source is None:
+            theta = torch.zeros(k * d + k, device=problem.x.device)
+            z = torch.zeros(problem.n, k, device=problem.x.device)
+        else:
+            theta = solutions[source][0]
             source_lam, source_memory = memories[source]
             memory = source_memory.at(lam - source_lam, k * d)
-        theta, value, iterations = minimize(
+            if last is not None and last[0] == source:
+                z, last = last[1], None  # the source's logits, not kept beside the new ones
+        if behind is not None:  # the solutions move smoothly with log C: start where the secant points
+            ratio = math.log(grid[i] / grid[source]) / math.log(grid[source] / grid[behind])
+            step = objective.on_grid(ratio * (theta - solutions[behind][0]))
+            theta = theta + step
+            z = None if z is None else z + objective.along(step)
+        theta, z, value, iterations = minimize(
             objective, theta, preconditioner.for_problem(problem, lam), max_iter,
-            tol if refine else tol * SCOUT_TOL_FACTOR, memory,
+            tol if refine else tol * SCOUT_TOL_FACTOR, memory, z,
         )  # fmt: skip
+        last = (i, z)
         memories[i] = (lam, memory)
         evaluations += objective.evaluations
         weight, bias = objective.unpack(theta)
@@ -487,12 +510,13 @@ def fit_path(
         return a is not None and b is not None and a[1] < b[1]
 
     first = path_order(grid, start)
-    best = fit(first, torch.zeros(k * d + k, device=problem.x.device))
+    best = fit(first)
     chosen = first
     for direction in (1, -1):
         i = first + direction
         while 0 <= i < len(grid):
-            scores = fit(i, solutions[i - direction][0], source=i - direction)
+            behind = i - 2 * direction
+            scores = fit(i, source=i - direction, behind=behind if behind in solutions else None)
             for j in set(memories) - {i, chosen}:  # later fits start from the last one or the best one
                 del memories[j]
             if not better(scores, best):
@@ -502,7 +526,7 @@ def fit_path(
         if chosen != first:  # the weaker side improved: the stronger side is past the peak
             break
 
-    fit(chosen, solutions[chosen][0], source=chosen, refine=True)  # the kept fit, to the full tolerance
+    fit(chosen, source=chosen, refine=True)  # the kept fit, to the full tolerance
     theta, _, iterations, train_loss = solutions[chosen]
     weight, bias = theta[: k * d].view(k, d).clone(), theta[k * d :].clone()
     if len(grid) > 1 and chosen == len(grid) - 1:

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from hierclass.logistic import (
-    BF16_MIN_CLASSES,
     BF16_MIN_MACS,
     Memory,
     Preconditioner,
@@ -64,7 +63,7 @@ def test_preconditioner_is_the_inverse_of_its_covariance_model() -> None:
 def test_preconditioned_lbfgs_reaches_the_gradient_free_optimum() -> None:
     problem, pre = preconditioned(correlated_problem(2_000, 48, 6))
     objective = _Objective(problem, lam=1e-3, smoothing=0.0)
-    theta, value, iterations = minimize(objective, torch.zeros(6 * 49), pre.for_problem(problem, 1e-3), 500, 1e-12)
+    theta, _, value, iterations = minimize(objective, torch.zeros(6 * 49), pre.for_problem(problem, 1e-3), 500, 1e-12)
     _, grad = objective(theta)
     assert grad.abs().max() < 1e-4 and iterations < 500
     # scipy's L-BFGS-B on the same objective finds the same minimum
@@ -108,7 +107,7 @@ def test_a_problem_without_holdout_is_fitted_at_the_start_value_and_says_so() ->
 @pytest.mark.skipif(not bf16_matmul_available(), reason="this CPU has no bfloat16 matrix units")
 def test_bf16_objective_matches_float32_and_leaves_matmul_precision_as_it_was() -> None:
     n, d, k = 6_000, 256, 64
-    assert k >= BF16_MIN_CLASSES and n * d * k >= BF16_MIN_MACS  # the size the engine runs in bfloat16
+    assert n * d * k >= BF16_MIN_MACS  # the size the engine runs in bfloat16
     before = torch.backends.mkldnn.matmul.fp32_precision
     problem, pre = preconditioned(correlated_problem(n, d, k, n_hold=2_000), fast=True)
     exact, fast = (fit_path(problem, [0.01], 0.01, pre, max_iter=100, tol=2e-4, bf16=f) for f in (False, True))
@@ -144,13 +143,13 @@ def test_a_fit_started_from_its_neighbours_memory_reaches_the_same_optimum_soone
     lam_a, lam_b = 1e-2, 3e-3
     first = _Objective(problem, lam_a, 0.0)
     memory = Memory()
-    theta_a, _, _ = minimize(first, torch.zeros(6 * 49), pre.for_problem(problem, lam_a), 500, 1e-5, memory)
+    theta_a, _, _, _ = minimize(first, torch.zeros(6 * 49), pre.for_problem(problem, lam_a), 500, 1e-5, memory)
     runs = {}
     for name, start in (("fresh", Memory()), ("carried", memory.at(lam_b - lam_a, 6 * 48))):
         objective = _Objective(problem, lam_b, 0.0)
         runs[name] = minimize(objective, theta_a.clone(), pre.for_problem(problem, lam_b), 500, 1e-5, start)
-    assert runs["carried"][1] == pytest.approx(runs["fresh"][1], rel=1e-5)
-    assert runs["carried"][2] < runs["fresh"][2]
+    assert runs["carried"][2] == pytest.approx(runs["fresh"][2], rel=1e-5)
+    assert runs["carried"][3] < runs["fresh"][3]
     # the shifted pairs are the new objective's: y = H s for its quadratic term
     s, y, _ = memory.at(lam_b - lam_a, 6 * 48).pairs[-1]
     s0, y0, _ = memory.pairs[-1]
@@ -167,7 +166,21 @@ def test_the_line_search_keeps_the_logits_of_the_parameters(fast: bool) -> None:
     problem, pre = preconditioned(correlated_problem(3_000, 64, 20))
     xb = problem.x.to(torch.bfloat16) if fast else None
     objective = _Objective(problem, 1e-3, 0.0, xb)
-    theta, value, iterations = minimize(objective, torch.zeros(20 * 65), pre.for_problem(problem, 1e-3), 60, 0.0)
+    theta, _, value, iterations = minimize(objective, torch.zeros(20 * 65), pre.for_problem(problem, 1e-3), 60, 0.0)
     assert iterations > 20
     exact, _ = _Objective(problem, 1e-3, 0.0, xb)(theta)
     assert value == pytest.approx(exact, rel=1e-6)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_paths_carried_logits_stay_those_of_its_parameters(bf16: bool) -> None:
+    # Each fit of the path starts from its neighbour's logits, moved along the secant; the
+    # training cross-entropy it reports comes from those tracked logits.
+    if bf16 and not bf16_matmul_available():
+        pytest.skip("this CPU has no bfloat16 matrix units")
+    problem, pre = preconditioned(correlated_problem(3_000, 64, 48, n_hold=1_000), fast=bf16)
+    result = fit_path(problem, [0.001, 0.003, 0.01, 0.03, 0.1], 0.001, pre, max_iter=100, tol=2e-4, bf16=bf16)
+    assert len(result.records) >= 4 and result.bf16 == bf16  # a path with secant starts, then the refined fit
+    z = torch.addmm(result.bias, problem.x.to(torch.bfloat16).float() if bf16 else problem.x, result.weight.T)
+    exact = float(torch.nn.functional.cross_entropy(z, problem.target))
+    assert result.train_loss == pytest.approx(exact, rel=1e-5)
