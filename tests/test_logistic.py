@@ -184,3 +184,21 @@ def test_the_paths_carried_logits_stay_those_of_its_parameters(bf16: bool) -> No
     z = torch.addmm(result.bias, problem.x.to(torch.bfloat16).float() if bf16 else problem.x, result.weight.T)
     exact = float(torch.nn.functional.cross_entropy(z, problem.target))
     assert result.train_loss == pytest.approx(exact, rel=1e-5)
+
+
+@pytest.mark.skipif(not bf16_matmul_available(), reason="this CPU has no bfloat16 matrix units")
+def test_a_scouts_line_product_is_the_bfloat16_rounding_of_the_product_on_bfloat16_features() -> None:
+    problem, _ = preconditioned(correlated_problem(2_000, 256, 32))
+    xb = problem.x.to(torch.bfloat16)
+    exact, scout = (_Objective(problem, 1e-3, 0.0, xb, exact=e) for e in (True, False))
+    direction = exact.on_grid(torch.randn(32 * 257, generator=torch.Generator().manual_seed(1)))
+    product = xb.double() @ direction[: 32 * 256].view(32, 256).double().T
+    bias = direction[32 * 256 :].double()
+    rough = scout.along(direction).double() - bias  # the bias is added after the rounding
+    assert float((rough - product).abs().max()) > 1e-3  # not float32's product ...
+    half_ulp = 2**-8 * product.abs() * 1.001 + 1e-6
+    assert bool(((rough - product).abs() <= half_ulp).all())  # ... but within bfloat16's half ulp of it
+    # the kept fit's line product is float32's (on the features or on their bfloat16 rounding: the library's choice)
+    z = exact.along(direction).double() - bias
+    on_features = problem.x.double() @ direction[: 32 * 256].view(32, 256).double().T
+    assert min(float((z - product).abs().max()), float((z - on_features).abs().max())) < 1e-3
