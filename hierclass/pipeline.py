@@ -15,6 +15,7 @@ Layout of ``work_dir``::
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -51,10 +52,12 @@ class PipelineConfig:
         default_factory=dict
     )  # ... with overrides, e.g. {"experts": {"hidden": 256}}
     combine: str = "soft"  # hierarchical inference: "soft", "topk" or "hard"
-    fuse: bool = True  # also report flat x two-stage fusion, its weight fitted on validation
+    fuse: bool = True  # also report flat x two-stage fusion, fitted on the train holdout (on val if there is none)
+    progress: bool | None = None  # progress bars (on stderr); None: when stderr is a terminal
 
     def train_config(self, kind: str) -> TrainConfig:
-        return replace(self.train, **self.per_kind.get(kind, {}))
+        bars = {"progress": self.progress} if self.train.progress is None else {}
+        return replace(self.train, **bars, **self.per_kind.get(kind, {}))
 
 
 @dataclass
@@ -119,6 +122,7 @@ def run_pipeline(
                 batch_size=config.extract_batch_size,
                 workers=config.workers,
                 hflip=config.hflip,
+                progress=sys.stderr.isatty() if config.progress is None else config.progress,
             ),
         )
     run = work / "run"

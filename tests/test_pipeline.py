@@ -74,6 +74,14 @@ def test_demo_command_labels_synthetic(tmp_path: Path) -> None:
     assert "vs flat (images)" in result.output and "baseline" in result.output and " p=" in result.output
 
 
+def test_demo_without_progress_draws_no_bar(tmp_path: Path) -> None:
+    args = ["demo", "--synthetic", "--out", str(tmp_path), "--n-train", "40", "--n-val", "20", "--epochs", "1"]
+    args += ["--backbone", TINY["backbone"], "--pretrained", TINY["pretrained"], "--image-size", "32"]
+    result = CliRunner().invoke(app, [*args, "--engine", "torch", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "[features train] done" in result.output and "img/s]" not in result.output
+
+
 def test_demo_needs_all_three_paths(tmp_path: Path) -> None:
     for partial in (["--train", "x.bson"], ["--train", "x.bson", "--val", "y.bson"], ["--taxonomy", "t.csv"]):
         result = CliRunner().invoke(app, ["demo", *partial, "--out", str(tmp_path)])

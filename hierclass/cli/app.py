@@ -6,15 +6,13 @@ Each command parses its options, calls one library function and prints a summary
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import typer
 
 from hierclass import __version__
-from hierclass.environment import environment_variable
 from hierclass.errors import HierclassError
 
 # Command modules import torch, timm and the readers inside their commands, so that ``--help``
@@ -75,16 +73,6 @@ def clean_errors(func: F) -> F:
             raise fail("interrupted; long jobs resume where they stopped when run again") from None
 
     return wrapper  # type: ignore[return-value]
-
-
-@contextlib.contextmanager
-def progress_bars(enabled: bool) -> Iterator[None]:
-    """Silence every tqdm bar inside the block unless ``enabled``, for library calls that draw their own."""
-    if enabled:
-        yield
-        return
-    with environment_variable("TQDM_DISABLE", "1"):  # tqdm reads it each time a bar is made
-        yield
 
 
 def command(target: typer.Typer = app, **kwargs: Any) -> Callable[[F], F]:

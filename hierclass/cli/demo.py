@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from hierclass.cli.app import Progress, command, fail, progress_bars
+from hierclass.cli.app import Progress, command, fail
 from hierclass.defaults import DEFAULT_BACKBONE, DEFAULT_PRETRAINED
 
 SYNTHETIC_BANNER = (
@@ -114,10 +114,11 @@ def demo(
     typer.echo(f"data: {label} ({train}, {val})")
     if label == "synthetic":
         typer.echo(SYNTHETIC_BANNER)
-    config = PipelineConfig(backbone=backbone, pretrained=pretrained, image_size=image_size, engine=engine)
+    config = PipelineConfig(
+        backbone=backbone, pretrained=pretrained, image_size=image_size, engine=engine, progress=progress
+    )
     config.train.epochs = epochs
-    with progress_bars(progress):
-        result = run_pipeline(train, val, taxonomy, work, config, report_meta={"data": label})
+    result = run_pipeline(train, val, taxonomy, work, config, report_meta={"data": label})
     typer.echo("")
     typer.echo(f"validation results ({label}; image level except the last column):")
     typer.echo(format_table(summary_rows(result.report)))
