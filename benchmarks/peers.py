@@ -12,7 +12,9 @@ this fits, with default options and timed:
 The peers run in another interpreter (``--peer-python``, a venv with ``hiclass`` and
 ``scikit-learn``), one catalogue at a time, never beside hierclass's own training. Scores are
 image-level leaf top-1 on the test store, with a 95% paired-bootstrap interval of each
-hierclass-minus-peer difference.
+hierclass-minus-peer difference. With ``--repeat N`` every model is fitted N times in a row and
+each fit time is the median of its N: a fit of half a second is easily slowed by a passing
+load on the machine.
 
     python benchmarks/peers.py --train feats/train --test feats/val --taxonomy category_names.csv \\
         --share 1 --share 0.1 --peer-python peer-venv/bin/python --out peers.json
@@ -33,8 +35,9 @@ import numpy as np
 
 
 # ---------------------------------------------------------------------------- peers (own interpreter)
-def run_peers(train_dir: str, test_dir: str, tax_csv: str, c: float, out: str) -> None:
-    """Fit the two peers as the reference tool does and save their test predictions (leaf ids)."""
+def run_peers(train_dir: str, test_dir: str, tax_csv: str, c: float, out: str, repeat: int = 1) -> None:
+    """Fit the two peers as the reference tool does (``repeat`` times each, timed) and save their test
+    predictions (leaf ids) and fit seconds."""
     import pandas as pd
     from hiclass import LocalClassifierPerParentNode
     from sklearn.linear_model import LogisticRegression
@@ -55,15 +58,17 @@ def run_peers(train_dir: str, test_dir: str, tax_csv: str, c: float, out: str) -
         return np.array([[p[0], p[0] + "/" + p[1], p[2]] for p in paths[leaf]])
 
     y_train = paths_of(l_train)
-    result: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    flat = LogisticRegression(C=c, max_iter=300).fit(x_train, y_train[:, 2])
-    result["sklearn_s"] = time.perf_counter() - t0
+    result: dict[str, Any] = {"sklearn_s": [], "hiclass_s": []}
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        flat = LogisticRegression(C=c, max_iter=300).fit(x_train, y_train[:, 2])
+        result["sklearn_s"].append(time.perf_counter() - t0)
     result["sklearn_pred"] = flat.predict(x_test).tolist()
-    t0 = time.perf_counter()
-    hier = LocalClassifierPerParentNode(local_classifier=LogisticRegression(C=c, max_iter=300), n_jobs=1)
-    hier.fit(x_train, y_train)
-    result["hiclass_s"] = time.perf_counter() - t0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        hier = LocalClassifierPerParentNode(local_classifier=LogisticRegression(C=c, max_iter=300), n_jobs=1)
+        hier.fit(x_train, y_train)
+        result["hiclass_s"].append(time.perf_counter() - t0)
     result["hiclass_pred"] = hier.predict(x_test)[:, 2].tolist()
     Path(out).write_text(json.dumps(result))
 
@@ -88,17 +93,20 @@ def subset_store(src: Any, rows: np.ndarray, root: Path) -> Any:
     return FeatureStore.open(root)
 
 
-def run_hierclass(train: Any, test: Any, tax: Any, work: Path) -> dict[str, Any]:
-    """Train the three heads with default options; the test predictions and fit seconds."""
+def run_hierclass(train: Any, test: Any, tax: Any, work: Path, repeat: int = 1) -> dict[str, Any]:
+    """Train the three heads with default options (``repeat`` times each); the test predictions and fit seconds."""
     from hierclass.config import TrainConfig
     from hierclass.engine import train_head
     from hierclass.inference import FlatClassifier, HierarchicalClassifier, predict_store
 
-    seconds, choices = {}, {}
-    for kind in ("flat", "router", "experts"):
-        m = train_head(kind, train, None, tax, TrainConfig(progress=False), work / kind, overwrite=True)
-        seconds[kind] = m["fit_seconds"]  # as the peers' fit(): training and its choices, not the scoring after
-        choices[kind] = {k: m[k] for k in ("solver", "c", "best_epoch") if k in m}
+    seconds: dict[str, list[float]] = {}
+    choices = {}
+    for _ in range(repeat):
+        for kind in ("flat", "router", "experts"):
+            m = train_head(kind, train, None, tax, TrainConfig(progress=False), work / kind, overwrite=True)
+            # as the peers' fit(): training and its choices, not the scoring after
+            seconds.setdefault(kind, []).append(m["fit_seconds"])
+            choices[kind] = {k: m[k] for k in ("solver", "c", "best_epoch") if k in m}
     out: dict[str, Any] = {"fit_s": seconds, "choices": choices}
     for name, clf in (
         ("flat", FlatClassifier.from_run(work, tax)),
@@ -134,11 +142,11 @@ def catalogue(args: argparse.Namespace, share: float, tmp: Path) -> dict[str, An
     train = subset_store(full, keep, tmp / f"train-{share:g}")
     test_keep = np.flatnonzero(test.valid & (test.leaf >= 0))
     test = subset_store(test, test_keep, tmp / "test") if len(test_keep) < test.n_images else test
-    ours = run_hierclass(train, test, tax, tmp / f"run-{share:g}")
+    ours = run_hierclass(train, test, tax, tmp / f"run-{share:g}", args.repeat)
     peer_out = tmp / f"peers-{share:g}.json"
     subprocess.run(
         [args.peer_python, __file__, "--peer-only", str(train.root), str(test.root), args.taxonomy, str(args.c),
-         str(peer_out)],
+         str(peer_out), str(args.repeat)],
         check=True,
     )  # fmt: skip
     peers = json.loads(peer_out.read_text())
@@ -150,12 +158,15 @@ def catalogue(args: argparse.Namespace, share: float, tmp: Path) -> dict[str, An
         "scikit-learn LR": np.asarray(peers["sklearn_pred"]).astype(np.int64) == truth,
         "HiClass LCPPN": np.asarray(peers["hiclass_pred"]).astype(np.int64) == truth,
     }
-    fit = {
+    runs = {  # fit seconds of each repeat
         "hierclass flat": ours["fit_s"]["flat"],
-        "hierclass hierarchical": ours["fit_s"]["router"] + ours["fit_s"]["experts"],
+        "hierclass hierarchical": [
+            r + e for r, e in zip(ours["fit_s"]["router"], ours["fit_s"]["experts"], strict=True)
+        ],
         "scikit-learn LR": peers["sklearn_s"],
         "HiClass LCPPN": peers["hiclass_s"],
     }
+    fit = {k: float(np.median(v)) for k, v in runs.items()}
     pairs = {
         "flat - scikit-learn LR": ("hierclass flat", "scikit-learn LR"),
         "hierarchical - HiClass LCPPN": ("hierclass hierarchical", "HiClass LCPPN"),
@@ -165,7 +176,8 @@ def catalogue(args: argparse.Namespace, share: float, tmp: Path) -> dict[str, An
         "n_train": len(keep),
         "n_test": len(truth),
         "accuracy": {k: float(v.mean()) for k, v in right.items()},
-        "fit_s": {k: round(v, 2) for k, v in fit.items()},
+        "fit_s": {k: round(v, 2) for k, v in fit.items()},  # the median of the repeats
+        "fit_s_runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
         "differences": {name: paired_bootstrap(right[a], right[b]) for name, (a, b) in pairs.items()},
         "speedup": {
             "scikit-learn LR / hierclass flat": fit["scikit-learn LR"] / fit["hierclass flat"],
@@ -177,8 +189,8 @@ def catalogue(args: argparse.Namespace, share: float, tmp: Path) -> dict[str, An
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--peer-only":
-        train_dir, test_dir, tax_csv, c, out = sys.argv[2:7]
-        run_peers(train_dir, test_dir, tax_csv, float(c), out)
+        train_dir, test_dir, tax_csv, c, out, repeat = sys.argv[2:8]
+        run_peers(train_dir, test_dir, tax_csv, float(c), out, int(repeat))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", required=True, help="training feature store")
@@ -187,6 +199,7 @@ def main() -> None:
     ap.add_argument("--share", type=float, action="append", help="stratified share of the training products (repeat)")
     ap.add_argument("--c", type=float, default=1.0, help="the peers' C")
     ap.add_argument("--peer-python", default=sys.executable, help="interpreter with hiclass and scikit-learn")
+    ap.add_argument("--repeat", type=int, default=1, help="fit every model this many times; fit seconds are medians")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     results = []
