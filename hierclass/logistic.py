@@ -152,8 +152,10 @@ class _Objective:
     step lengths without touching the features. Given the features in bfloat16 (``xb``), the
     direction's weights are rounded to bfloat16 (:meth:`on_grid`), which makes ``Z_D``, a
     bfloat16 product with float32 accumulation, exact: the logits stay those of the parameters, to
-    float32 rounding. The gradient's product runs in plain bfloat16 (its entries carry about 0.4%
-    relative error), which the line search tolerates down to ``tol`` around 1e-5.
+    float32 rounding. Without ``exact`` (the C path's scouting fits), ``Z_D`` is a plain bfloat16
+    product instead, rounded to bfloat16, and the tracked logits drift. The gradient's product runs
+    in plain bfloat16 (its entries carry about 0.4% relative error), which the line search
+    tolerates down to ``tol`` around 1e-5.
     """
 
     def __init__(self, problem: Problem, lam: float, smoothing: float, xb: Tensor | None = None, exact: bool = True):
@@ -164,7 +166,6 @@ class _Objective:
         w = problem.weight if problem.weight is not None else torch.ones(n, device=self.x.device)
         self.w = (w / w.sum()).unsqueeze(1)  # [n, 1], summing to 1
         self.picked = torch.arange(n, device=self.x.device) * self.k + problem.target  # target entries, flat
-        self.target = problem.target
         self.evaluations = 0  # products of the features: one per gradient, one per search line
 
     def unpack(self, theta: Tensor) -> tuple[Tensor, Tensor]:
@@ -283,7 +284,7 @@ class Preconditioner:
         basis = torch.randn(d, width, generator=torch.Generator().manual_seed(0)).to(x.device)
         for _ in range(4):
             basis = torch.linalg.qr(covariance_times(basis)).Q
-        projected = (sample @ basis) if not fast else (rows @ basis.to(dtype)).float()
+        projected = (rows @ basis.to(dtype)).float()
         values, vectors = torch.linalg.eigh(projected.T @ projected / n)
         values, vectors = values.flip(0)[:rank], (basis @ vectors).flip(1)[:, :rank]
         rest = (float(sample.pow(2).sum()) / n - float(values.sum())) / max(d - rank, 1)
@@ -468,7 +469,7 @@ def fit_path(
     records: list[dict[str, Any]] = []
     evaluations = 0
     memories: dict[int, tuple[float, Memory]] = {}  # the L-BFGS memory of the fits a later one may start from
-    last: tuple[int, Tensor, bool] | None = None  # the last fit, its logits and whether they are exact
+    last: tuple[int, Tensor] | None = None  # the last fit and its logits
 
     def fit(
         i: int, source: int | None = None, behind: int | None = None, refine: bool = False
@@ -487,8 +488,10 @@ def fit_path(
             theta = solutions[source][0]
             source_lam, source_memory = memories[source]
             memory = source_memory.at(lam - source_lam, k * d)
-            if last is not None and last[0] == source and (last[2] or not objective.exact):
-                z, last = last[1], None  # the source's logits, not kept beside the new ones
+            # the source's logits, not kept beside the new ones; in bfloat16 mode a scout's have drifted,
+            # and the kept fit starts from exact ones
+            if last is not None and last[0] == source and not (fast and refine):
+                z, last = last[1], None
         if behind is not None:  # the solutions move smoothly with log C: start where the secant points
             ratio = math.log(grid[i] / grid[source]) / math.log(grid[source] / grid[behind])
             step = objective.on_grid(ratio * (theta - solutions[behind][0]))
@@ -498,7 +501,7 @@ def fit_path(
             objective, theta, preconditioner.for_problem(problem, lam), max_iter,
             tol if refine else tol * SCOUT_TOL_FACTOR, memory, z,
         )  # fmt: skip
-        last = (i, z, objective.exact or not fast)  # a scout's logits drift in bfloat16 mode
+        last = (i, z)
         memories[i] = (lam, memory)
         evaluations += objective.evaluations
         weight, bias = objective.unpack(theta)
