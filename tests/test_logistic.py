@@ -16,6 +16,7 @@ from hierclass.logistic import (
     bf16_matmul_available,
     fit_path,
     minimize,
+    subspace_start,
 )
 
 
@@ -202,3 +203,26 @@ def test_a_scouts_line_product_is_the_bfloat16_rounding_of_the_product_on_bfloat
     z = exact.along(direction).double() - bias
     on_features = problem.x.double() @ direction[: 32 * 256].view(32, 256).double().T
     assert min(float((z - product).abs().max()), float((z - on_features).abs().max())) < 1e-3
+
+
+def test_the_subspace_start_solves_the_problem_on_the_top_principal_directions() -> None:
+    problem = correlated_problem(3_000, 96, 10, n_hold=500)
+    pre = Preconditioner.from_features(problem.x, rank=16)
+    lam = 1e-3
+    theta, z, iterations = subspace_start(problem, pre, lam, 0.0, max_iter=500, tol=1e-10)
+    assert 0 < iterations < 500
+    objective = _Objective(problem, lam, 0.0)
+    weight, bias = objective.unpack(theta)
+    torch.testing.assert_close(z, torch.addmm(bias, problem.x, weight.T), rtol=1e-4, atol=1e-4)  # its logits
+    assert weight.norm() > 0 and (weight - weight @ pre.vectors @ pre.vectors.T).norm() < 1e-4 * weight.norm()
+    # the optimum restricted to that span: the full gradient has no component along it
+    _, grad = objective(theta)
+    grad_w, grad_b = objective.unpack(grad)
+    along, across = (grad_w @ pre.vectors).norm(), (grad_w - grad_w @ pre.vectors @ pre.vectors.T).norm()
+    assert along < 0.01 * across and grad_b.norm() < 0.01 * across  # the other directions are left to the full fit
+    # the path's first fit starts there and reaches the optimum a fit from zero reaches
+    result = fit_path(problem, [0.3], 0.3, pre, max_iter=500, tol=1e-9)
+    assert result.records[0]["subspace_iterations"] > 0
+    scratch = _Objective(problem, 1.0 / (0.3 * problem.n), 0.0)
+    _, _, best, _ = minimize(scratch, torch.zeros(10 * 97), pre.for_problem(problem, scratch.lam), 500, 1e-12)
+    assert result.records[-1]["objective"] == pytest.approx(best, rel=1e-5)
