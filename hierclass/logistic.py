@@ -478,8 +478,8 @@ def fit_path(
 ) -> PathResult:
     """Fit ``problem`` at the C values of ``grid`` its holdout asks for, and keep the best.
 
-    The path begins at the grid value nearest ``start``, fitted from :func:`subspace_start`. It then moves to
-    weaker L2 strengths (larger C) while the holdout's cross-entropy improves; if the first
+    The path begins at the grid value nearest ``start``, fitted from :func:`subspace_start`. It then
+    moves to weaker L2 strengths (larger C) while the holdout's cross-entropy improves; if the first
     such step does not improve, it moves to stronger ones instead. Every fit starts from its
     neighbour's solution and L-BFGS memory (:class:`Memory`), moved along the secant through the
     two fits before it when there are two. These scouting fits stop at
@@ -504,8 +504,9 @@ def fit_path(
     def fit(
         i: int, source: int | None = None, behind: int | None = None, refine: bool = False
     ) -> tuple[float, float] | None:
-        """Fit C = grid[i] from zero, or from the solution ``source`` (with its memory), moved along
-        the path's secant from ``behind`` to ``source`` when given."""
+        """Fit C = grid[i] from :func:`subspace_start` (from zero when the preconditioner spans every
+        feature), or from the solution ``source`` (with its memory), moved along the path's secant from
+        ``behind`` to ``source`` when given."""
         nonlocal evaluations, last
         t0 = time.perf_counter()
         lam = 1.0 / (grid[i] * max(problem.n, 1))
